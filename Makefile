@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 export PYTHONPATH := $(CURDIR)
+# DVC runs stage commands with `python`: make it the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install repro test bench lint clean-venv
 

@@ -99,7 +99,11 @@ class Params:
         _check(self.layer >= 0, "layer", "must be >= 0")
         n_layers = model_n_layers(self.model)
         if n_layers is not None:
-            _check(self.layer < n_layers, "layer", f"{self.layer} is beyond {self.model}'s {n_layers} layers (0..{n_layers - 1})")
+            _check(
+                self.layer < n_layers,
+                "layer",
+                f"{self.layer} is beyond {self.model}'s {n_layers} layers (0..{n_layers - 1})",
+            )
         _check(
             self.hook in {"resid_pre", "resid_mid", "resid_post"},
             "hook",
@@ -149,7 +153,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 continue
         raise ParamError(f"{where}: {value!r} does not match {hint}")
     if hint is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), where, f"must be a number, got {value!r}")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool), where, f"must be a number, got {value!r}"
+        )
         return float(value)
     if hint is int:
         _check(isinstance(value, int) and not isinstance(value, bool), where, f"must be an integer, got {value!r}")

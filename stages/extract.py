@@ -1,0 +1,236 @@
+"""Stage `extract`: run the model up to the hooked layer and store activations as shards.
+
+Contexts are `context_len` tokens: BOS followed by `context_len - 1` tokens of the document
+stream (documents concatenated, each followed by EOS). BOS activations are dropped, so every
+stored activation is a real text position; `n_tokens` counts stored activations.
+
+Resumable: shards are built in `data/activations.partial/` and each completed shard is
+recorded in `progress.json`; a rerun with the same fingerprint (params + corpus hash)
+continues after the last complete shard. Each shard is computed in its own batches, so a
+resumed run writes bit-identical shards. The finished directory is renamed to
+`data/activations/` in one step, so DVC never caches a half-written output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from stages import params as params_mod
+from stages.lm import ModelUnavailableError, load_model
+from stages.shards import DTYPES, ShardInfo, atomic_write_text, sha256_file, write_manifest, write_shard
+
+CORPUS = Path("data/corpus.parquet")
+OUT_DIR = Path("data/activations")
+PARTIAL_DIR = Path("data/activations.partial")
+METRICS = Path("metrics/extract.json")
+PROGRESS = "progress.json"
+
+
+def document_tokens(corpus: Path, tokenizer, batch_rows: int = 256) -> Iterator[tuple[int, list[int]]]:
+    """(doc_id, token ids + EOS) for each document, streamed from the Parquet corpus."""
+    eos = tokenizer.eos_token_id
+    for batch in pq.ParquetFile(corpus).iter_batches(batch_size=batch_rows, columns=["doc_id", "text"]):
+        doc_ids = batch.column("doc_id").to_pylist()
+        encoded = tokenizer(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
+        for doc_id, ids in zip(doc_ids, encoded, strict=True):
+            yield doc_id, [*ids, eos]
+
+
+def contexts(corpus: Path, tokenizer, body_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive (token_ids, doc_ids) chunks of `body_len` tokens from the document stream."""
+    tok_buf: list[int] = []
+    doc_buf: list[int] = []
+    for doc_id, ids in document_tokens(corpus, tokenizer):
+        tok_buf.extend(ids)
+        doc_buf.extend([doc_id] * len(ids))
+        while len(tok_buf) >= body_len:
+            yield np.asarray(tok_buf[:body_len], dtype=np.int32), np.asarray(doc_buf[:body_len], dtype=np.int64)
+            del tok_buf[:body_len], doc_buf[:body_len]
+
+
+def count_contexts(corpus: Path, tokenizer, body_len: int, needed: int) -> int:
+    """How many full contexts the corpus gives, stopping early once `needed` is reached."""
+    total = 0
+    for _, ids in document_tokens(corpus, tokenizer):
+        total += len(ids)
+        if total >= needed * body_len:
+            return needed
+    return total // body_len
+
+
+def fingerprint(p: params_mod.Params, corpus_sha: str) -> str:
+    blob = json.dumps(
+        {"model": p.model, "hook": p.hook_name, "extract": asdict(p.extract), "corpus": corpus_sha}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_progress(partial: Path, fp: str) -> list[ShardInfo]:
+    """Completed shards of an interrupted run with the same fingerprint; otherwise start clean."""
+    progress = partial / PROGRESS
+    if progress.exists():
+        state = json.loads(progress.read_text())
+        shards = [ShardInfo(**s) for s in state["shards"]]
+        if state["fingerprint"] == fp and all((partial / s.file).exists() for s in shards):
+            return shards
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return []
+
+
+def capture_fn(model, hook_name: str, stop_at_layer: int):
+    """A function tokens -> activations at `hook_name`, running the model only up to the hook."""
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act: torch.Tensor, hook) -> None:
+        store["act"] = act
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        model.run_with_hooks(tokens, stop_at_layer=stop_at_layer, fwd_hooks=[(hook_name, save)])
+        return store.pop("act")
+
+    return run
+
+
+def extract(
+    p: params_mod.Params,
+    model,
+    corpus: Path = CORPUS,
+    out_dir: Path = OUT_DIR,
+    partial: Path = PARTIAL_DIR,
+    progress_bar: bool = True,
+) -> dict:
+    """Write the activation directory; return the extraction metrics."""
+    ex = p.extract
+    body_len = ex.context_len - 1
+    n_contexts = math.ceil(ex.n_tokens / body_len)
+    per_shard = max(1, ex.shard_tokens // body_len)
+    n_shards = math.ceil(n_contexts / per_shard)
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError(f"model {p.model} has no BOS token; extraction prepends BOS to every context")
+
+    available = count_contexts(corpus, tokenizer, body_len, n_contexts)
+    if available < n_contexts:
+        raise ValueError(
+            f"extract.n_tokens: corpus {corpus} gives only {available * body_len} tokens "
+            f"({available} contexts of {body_len}); lower n_tokens to at most that"
+        )
+
+    fp = fingerprint(p, sha256_file(corpus))
+    done = load_progress(partial, fp)
+    start_context = sum(s.n_contexts for s in done)
+    if done:
+        print(f"resuming after {len(done)} complete shards ({start_context} contexts)", file=sys.stderr)
+
+    run = capture_fn(model, p.hook_name, stop_at_layer=p.layer + 1)
+    dtype = DTYPES[ex.dtype]
+    stream = contexts(corpus, tokenizer, body_len)
+    for _ in range(start_context):
+        next(stream)
+
+    t0 = time.perf_counter()
+    tokens_this_run = 0
+    writer = ThreadPoolExecutor(max_workers=1)  # overlap hashing/writing with the next forward pass
+    pending: Future | None = None
+
+    def record(info: ShardInfo) -> None:
+        done.append(info)
+        atomic_write_text(partial / PROGRESS, json.dumps({"fingerprint": fp, "shards": [asdict(s) for s in done]}))
+
+    bar = tqdm(total=n_contexts * body_len, initial=start_context * body_len, unit="tok", disable=not progress_bar)
+    with torch.inference_mode():
+        for shard_idx in range(len(done), n_shards):
+            first = shard_idx * per_shard
+            count = min(per_shard, n_contexts - first)
+            chunk = [next(stream) for _ in range(count)]
+            token_ids = np.stack([c[0] for c in chunk])
+            acts = []
+            # Batches restart at every shard so a resumed shard sees the same batch composition.
+            for b in range(0, count, ex.batch_size):
+                body = torch.from_numpy(token_ids[b : b + ex.batch_size]).long()
+                batch = torch.cat([torch.full((body.shape[0], 1), bos), body], dim=1)
+                acts.append(run(batch)[:, 1:].to(dtype).reshape(-1, model.cfg.d_model))
+                bar.update(body.numel())
+            activations = torch.cat(acts)
+            index = {
+                "context_id": np.repeat(np.arange(first, first + count, dtype=np.int64), body_len),
+                "position": np.tile(np.arange(1, ex.context_len, dtype=np.int16), count),
+                "doc_id": np.concatenate([c[1] for c in chunk]),
+                "token_id": token_ids.reshape(-1),
+            }
+            if pending is not None:
+                record(pending.result())
+            pending = writer.submit(write_shard, partial, shard_idx, activations, index, first, count)
+            tokens_this_run += activations.shape[0]
+        if pending is not None:
+            record(pending.result())
+    writer.shutdown()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    meta = {
+        "model": p.model,
+        "hook_name": p.hook_name,
+        "layer": p.layer,
+        "d_in": model.cfg.d_model,
+        "dtype": ex.dtype,
+        "context_len": ex.context_len,
+        "bos_policy": "excluded: BOS is prepended to every context and its activation is not stored",
+        "fingerprint": fp,
+    }
+    manifest = write_manifest(partial, meta, done)
+    (partial / PROGRESS).unlink()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return {
+        "tokens": manifest["n_tokens"],
+        "contexts": manifest["n_contexts"],
+        "shards": manifest["n_shards"],
+        "bytes": manifest["bytes"],
+        "tokens_this_run": tokens_this_run,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens_this_run / elapsed, 1) if tokens_this_run else None,
+        "resumed_from_context": start_context,
+        "norm_mean": round(manifest["norm"]["mean"], 4),
+    }
+
+
+def main() -> None:
+    p = params_mod.load_or_exit()
+    if not CORPUS.exists():
+        sys.exit(f"error: {CORPUS} not found: run the corpus stage first (dvc repro corpus)")
+    try:
+        model = load_model(p.model)
+    except ModelUnavailableError as err:
+        sys.exit(f"error: {err}")
+    if p.layer >= model.cfg.n_layers:
+        sys.exit(f"error: params.yaml: layer: {p.layer} is beyond {p.model}'s {model.cfg.n_layers} layers")
+    try:
+        metrics = extract(p, model)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    METRICS.parent.mkdir(exist_ok=True)
+    atomic_write_text(METRICS, json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Activation shards on disk: safetensors files + a Parquet token index + a JSON manifest.
+
+Layout of an activation directory:
+    manifest.json                 shapes, dtype, counts, sha256 per shard, norm statistics
+    shard_00000.safetensors       {"activations": [n_tokens, d_in]}
+    index/shard_00000.parquet     one row per activation: context_id, position, doc_id, token_id
+
+BOS positions are never stored (their residual norm is orders of magnitude above the rest).
+Files are written under a temporary name and renamed into place, so a reader (or DVC) never
+sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+TENSOR_KEY = "activations"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    index_file: str
+    n_tokens: int
+    first_context: int
+    n_contexts: int
+    sha256: str
+    bytes: int
+    # Sufficient statistics of the per-token L2 norm, so the manifest can aggregate exactly.
+    norm_sum: float
+    norm_sq_sum: float
+    norm_min: float
+    norm_max: float
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def write_shard(
+    directory: Path,
+    shard_idx: int,
+    activations: torch.Tensor,
+    index: dict[str, np.ndarray],
+    first_context: int,
+    n_contexts: int,
+) -> ShardInfo:
+    """Write one shard and its index atomically; return what the manifest needs."""
+    name = shard_name(shard_idx)
+    path = directory / name
+    tmp = directory / f".{name}.tmp"
+    save_file({TENSOR_KEY: activations.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+
+    index_dir = directory / "index"
+    index_dir.mkdir(exist_ok=True)
+    index_path = index_dir / name.replace(".safetensors", ".parquet")
+    tmp_index = index_dir / f".{index_path.name}.tmp"
+    pq.write_table(pa.table(index), tmp_index)
+    os.replace(tmp_index, index_path)
+
+    norms = activations.float().norm(dim=-1)
+    return ShardInfo(
+        file=name,
+        index_file=f"index/{index_path.name}",
+        n_tokens=int(activations.shape[0]),
+        first_context=first_context,
+        n_contexts=n_contexts,
+        sha256=sha256_file(path),
+        bytes=path.stat().st_size + index_path.stat().st_size,
+        norm_sum=float(norms.sum()),
+        norm_sq_sum=float((norms.double() ** 2).sum()),
+        norm_min=float(norms.min()),
+        norm_max=float(norms.max()),
+    )
+
+
+def norm_summary(shards: list[ShardInfo]) -> dict[str, float]:
+    n = sum(s.n_tokens for s in shards)
+    mean = sum(s.norm_sum for s in shards) / n
+    var = max(sum(s.norm_sq_sum for s in shards) / n - mean**2, 0.0)
+    return {
+        "mean": mean,
+        "std": var**0.5,
+        "min": min(s.norm_min for s in shards),
+        "max": max(s.norm_max for s in shards),
+    }
+
+
+def write_manifest(directory: Path, meta: dict, shards: list[ShardInfo]) -> dict:
+    manifest = {
+        **meta,
+        "n_tokens": sum(s.n_tokens for s in shards),
+        "n_contexts": sum(s.n_contexts for s in shards),
+        "n_shards": len(shards),
+        "bytes": sum(s.bytes for s in shards),
+        "norm": norm_summary(shards),
+        "shards": [asdict(s) for s in shards],
+    }
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+class ActivationShards:
+    """Read access to an activation directory written by the extract stage."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{manifest_path} not found: run the extract stage first (dvc repro extract)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.shards = [ShardInfo(**s) for s in self.manifest["shards"]]
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["d_in"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def load(self, i: int, verify: bool = False) -> torch.Tensor:
+        info = self.shards[i]
+        path = self.directory / info.file
+        if verify and sha256_file(path) != info.sha256:
+            raise ValueError(f"{path}: sha256 does not match the manifest (corrupt or modified shard)")
+        return load_file(str(path))[TENSOR_KEY]
+
+    def index(self, i: int):
+        return pq.read_table(self.directory / self.shards[i].index_file)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self.load(i)

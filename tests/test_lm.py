@@ -1,0 +1,41 @@
+"""The embedded SmolLM2 in transformer_lens must compute what the HF model computes."""
+
+import pytest
+import torch
+
+from stages.lm import ModelUnavailableError, load_model, load_smollm2_hf
+
+
+def test_tl_logits_match_hf(model):
+    hf_model, _ = load_smollm2_hf()
+    tokens = model.to_tokens("Sparse autoencoders split a model's activations into interpretable features.")
+    with torch.inference_mode():
+        tl_logits = model(tokens)
+        hf_logits = hf_model(tokens).logits
+    assert tl_logits.shape == hf_logits.shape
+    assert (tl_logits - hf_logits).abs().max().item() < 1e-3
+
+
+def test_greedy_completion_knows_paris(model):
+    out = model.generate("The capital of France is", max_new_tokens=4, do_sample=False, verbose=False)
+    assert "Paris" in out
+
+
+def test_stop_at_layer_gives_same_residual_as_full_run(model):
+    tokens = model.to_tokens("The quick brown fox jumps over the lazy dog.")
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.6.hook_resid_post")
+        partial = model(tokens, stop_at_layer=7)
+    torch.testing.assert_close(partial, cache["blocks.6.hook_resid_post"])
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ModelUnavailableError, match="unknown model"):
+        load_model("not-a-real-model-xyz")
+
+
+def test_hub_model_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+    with pytest.raises(ModelUnavailableError, match="not in the local Hugging Face cache"):
+        load_model("gpt2")
