@@ -70,6 +70,61 @@ class ExtractParams:
 
 
 @dataclass(frozen=True)
+class TrainParams:
+    """SAE training shared by the baseline and the orthogonality run (stages `train_baseline`, `train`)."""
+
+    architecture: Literal["relu", "topk"] = "topk"
+    d_sae: int = 4608
+    k: int = 32  # active latents per token (topk)
+    l1_coeff: float = 0.01  # relu: weight of sum_i f_i ||w_i||, relative to the per-element MSE
+    lr: float = 4e-4
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # lr decays linearly to 0 over this last fraction of steps
+    batch_size: int = 1024
+    train_tokens: int = 1_000_000
+    buffer_shards: int = 2  # shards mixed in the shuffle buffer
+    normalize_inputs: bool = True  # scale inputs to mean norm sqrt(d_in); stored in the checkpoint
+    aux_k: int = 256  # topk: AuxK latents used to revive dead ones
+    aux_coeff: float = 0.03125
+    dead_tokens: int = 200_000  # a latent silent for this many tokens counts as dead
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def validate(self, prefix: str = "train") -> None:
+        _check(self.d_sae >= 2, f"{prefix}.d_sae", "must be >= 2")
+        _check(1 <= self.k <= self.d_sae, f"{prefix}.k", f"must be in 1..d_sae ({self.d_sae}), got {self.k}")
+        _check(self.l1_coeff >= 0, f"{prefix}.l1_coeff", "must be >= 0")
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        _check(0 <= self.decay_fraction <= 1, f"{prefix}.decay_fraction", "must be in [0, 1]")
+        _check(self.batch_size >= 2, f"{prefix}.batch_size", "must be >= 2")
+        _check(self.train_tokens >= self.batch_size, f"{prefix}.train_tokens", "must be >= batch_size")
+        _check(self.buffer_shards >= 1, f"{prefix}.buffer_shards", "must be >= 1")
+        _check(self.aux_k >= 1 and self.aux_coeff >= 0, f"{prefix}.aux_k", "aux_k must be >= 1, aux_coeff >= 0")
+        _check(self.dead_tokens >= 1, f"{prefix}.dead_tokens", "must be >= 1")
+        _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
+
+    @property
+    def steps(self) -> int:
+        return self.train_tokens // self.batch_size
+
+
+@dataclass(frozen=True)
+class OrthoParams:
+    """Settings of the orthogonality term other than the three top-level keys users sweep."""
+
+    target: float = 0.1  # adaptive tau: wanted mean |cos| of the kept pairs
+    tau_lr: float = 0.05  # adaptive tau: dual-ascent step
+    log_pairs_every: int = 10  # steps between saved pair selections (for the stability stage)
+
+    def validate(self, prefix: str = "ortho") -> None:
+        _check(0 <= self.target <= 1, f"{prefix}.target", "must be in [0, 1]")
+        _check(self.tau_lr >= 0, f"{prefix}.tau_lr", "must be >= 0")
+        _check(self.log_pairs_every >= 1, f"{prefix}.log_pairs_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Params:
     model: str = "smollm2-135m"
     layer: int = 6
@@ -78,6 +133,11 @@ class Params:
     corpus: str = "embedded"
     data: DataParams = field(default_factory=DataParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
+    tau: float = 0.1
+    topk_fraction: float = 0.001
+    tau_schedule: Literal["fixed", "adaptive"] = "fixed"
+    train: TrainParams = field(default_factory=TrainParams)
+    ortho: OrthoParams = field(default_factory=OrthoParams)
 
     @property
     def hook_name(self) -> str:
@@ -114,8 +174,12 @@ class Params:
             "corpus",
             f"must be 'embedded' or 'hf:<dataset>[:<split>]', got {self.corpus!r}",
         )
+        _check(self.tau >= 0, "tau", f"must be >= 0, got {self.tau}")
+        _check(0 < self.topk_fraction <= 1, "topk_fraction", f"must be in (0, 1], got {self.topk_fraction}")
         self.data.validate()
         self.extract.validate()
+        self.train.validate()
+        self.ortho.validate()
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

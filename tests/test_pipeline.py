@@ -1,0 +1,63 @@
+"""End to end: `dvc repro` on a tiny config in a temporary git copy of the repo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, stage_env
+
+TINY = {
+    "data": {"max_chars_per_source": 300_000, "probe_train_per_class": 40, "probe_test_per_class": 20},
+    "extract": {"context_len": 32, "n_tokens": 3000, "shard_tokens": 1000, "batch_size": 8},
+}
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**stage_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    """Tracked files of the repo (as in a fresh clone) with a tiny params.yaml, committed."""
+    dest = tmp_path_factory.mktemp("pipeline") / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stale in ("dvc.lock", "metrics"):
+        path = dest / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    run(["git", "init", "-q"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def test_dvc_repro_end_to_end(repo_copy):
+    run([sys.executable, "-m", "dvc", "repro"], repo_copy)
+    manifest = json.loads((repo_copy / "data/activations/manifest.json").read_text())
+    assert manifest["n_tokens"] >= 3000 and manifest["d_in"] == 576
+    extract_metrics = json.loads((repo_copy / "metrics/extract.json").read_text())
+    assert extract_metrics["tokens"] == manifest["n_tokens"]
+    assert (repo_copy / "data/corpus.parquet").exists()
+    assert len(list((repo_copy / "data/probing").glob("*.parquet"))) >= 5
+
+    status = run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy)
+    assert json.loads(status.stdout) == {}
+    again = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
+    assert "Running stage" not in again.stdout
