@@ -44,10 +44,10 @@ def codes_to_csr(f: torch.Tensor, topk_indices: torch.Tensor | None = None) -> s
         indptr = np.zeros(batch + 1, dtype=np.int64)
         np.cumsum(counts.numpy(), out=indptr[1:])
         return sp.csr_matrix((vals[keep].numpy(), idx[keep].numpy(), indptr), shape=(batch, d_sae))
-    csr = f.to_sparse_csr()
-    return sp.csr_matrix(
-        (csr.values().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()), shape=(batch, d_sae)
-    )
+    rows, cols = f.nonzero(as_tuple=True)  # row-major order, as CSR needs
+    indptr = np.zeros(batch + 1, dtype=np.int64)
+    np.cumsum(torch.bincount(rows, minlength=batch).numpy(), out=indptr[1:])
+    return sp.csr_matrix((f[rows, cols].numpy(), cols.numpy(), indptr), shape=(batch, d_sae))
 
 
 def select_pairs(f: torch.Tensor, fraction: float, topk_indices: torch.Tensor | None = None) -> PairSelection:

@@ -230,6 +230,17 @@ class Trainer:
         return True
 
 
+def log_live(live, stats: dict[str, float]) -> None:
+    """One dvclive step: every loss part, L0, FVU, dead fraction, tau_t, mean |cos| of kept pairs."""
+    if live is None:
+        return
+    live.step = int(stats["step"])
+    for key, value in stats.items():
+        if key != "step":
+            live.log_metric(key, value)
+    live.next_step()
+
+
 def train(
     cfg: RunConfig,
     shards: ActivationShards,
@@ -247,6 +258,8 @@ def train(
     resumed = trainer.load_checkpoint(ckpt_dir, fp)
     if resumed:
         print(f"resuming from checkpoint at step {trainer.step}", file=sys.stderr)
+        for stats in trainer.history:  # the live log restarts empty: replay what the checkpoint holds
+            log_live(live, stats)
     else:
         sample = next(shuffled_batches(shards, 8192, cfg.seed + 1, 1))
         with torch.no_grad():
@@ -264,12 +277,7 @@ def train(
             raise
         if stats["step"] % t.log_every == 0 or trainer.step == t.steps:
             trainer.history.append(stats)
-            if live is not None:
-                for key, value in stats.items():
-                    if key != "step":
-                        live.log_metric(key, value)
-                live.step = stats["step"]
-                live.next_step()
+            log_live(live, stats)
             bar.set_postfix(fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}", tau=f"{stats['tau']:.3g}")
         if trainer.step % t.checkpoint_every == 0:
             trainer.save_checkpoint(ckpt_dir, fp)
