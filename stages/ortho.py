@@ -101,13 +101,15 @@ class _PairCosSquared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         w_dec, i, j, cos = ctx.saved_tensors
-        coef = grad_out * 2.0 * cos / len(cos)
-        grad = torch.zeros_like(w_dec)
-        step = _PairCosSquared.CHUNK
-        for s in range(0, len(i), step):
-            ii, jj, cc = i[s : s + step], j[s : s + step], coef[s : s + step, None]
-            grad.index_add_(0, ii, cc * w_dec[jj])
-            grad.index_add_(0, jj, cc * w_dec[ii])
+        # dL/dw_i = sum_j coef_ij w_j: a symmetric sparse matrix times W. scipy's CSR product is
+        # ~30x faster here than torch's index_add_ with repeated row ids.
+        coef = (grad_out * 2.0 * cos / len(cos)).numpy()
+        ii, jj = i.numpy(), j.numpy()
+        d = w_dec.shape[0]
+        sym = sp.csr_matrix(
+            (np.concatenate([coef, coef]), (np.concatenate([ii, jj]), np.concatenate([jj, ii]))), (d, d)
+        )
+        grad = torch.from_numpy(np.asarray(sym @ w_dec.detach().numpy(), dtype=np.float32))
         return grad, None, None
 
 

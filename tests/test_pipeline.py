@@ -15,6 +15,18 @@ from tests.conftest import REPO, stage_env
 TINY = {
     "data": {"max_chars_per_source": 300_000, "probe_train_per_class": 40, "probe_test_per_class": 20},
     "extract": {"context_len": 32, "n_tokens": 3000, "shard_tokens": 1000, "batch_size": 8},
+    "train": {
+        "d_sae": 128,
+        "k": 8,
+        "batch_size": 128,
+        "train_tokens": 128 * 12,
+        "warmup_steps": 2,
+        "log_every": 2,
+        "checkpoint_every": 5,
+        "dead_tokens": 1000,
+        "aux_k": 16,
+        "lr": 0.003,
+    },
 }
 
 
@@ -61,3 +73,23 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert json.loads(status.stdout) == {}
     again = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
     assert "Running stage" not in again.stdout
+    for name in ("baseline", "ortho"):
+        metrics = json.loads((repo_copy / f"metrics/train/{name}.json").read_text())
+        assert 0 < metrics["fvu"] < 1 and metrics["l0"] == pytest.approx(8, abs=0.5)
+        assert (repo_copy / f"models/{name}/cfg.json").exists()
+    assert (repo_copy / "models/ortho/pairs.parquet").exists()
+
+
+def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["tau"] = params["tau"] + 0.05
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
+    assert set(status) == {"train"}, status
+    ran = run(
+        [sys.executable, "-c", "from dvc.repo import Repo; print(sorted(s.name for s in Repo('.').reproduce()))"],
+        repo_copy,
+    )
+    assert ran.stdout.strip().splitlines()[-1] == "['train']"
+    ortho = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
+    assert ortho["tau"] == pytest.approx(params["tau"])

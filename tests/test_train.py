@@ -51,7 +51,7 @@ def same_weights(a: SAE, b: SAE) -> bool:
 
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
 def test_trained_sae_reconstructs_sparsely(shards, tmp_path, architecture):
-    cfg = RunConfig(replace(TINY, architecture=architecture, l1_coeff=0.05), seed=0, tau=0.1)
+    cfg = RunConfig(replace(TINY, architecture=architecture, l1_coeff=1.0), seed=0, tau=0.1)
     metrics, sae = run(cfg, shards, tmp_path)
     assert 0 < metrics["fvu"] < 0.6, metrics
     assert metrics["dead_fraction"] < 0.5
