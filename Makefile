@@ -30,6 +30,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m stages.bench_extract
+	$(PY) -m stages.bench_train
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stages tests
