@@ -343,7 +343,7 @@ def main() -> None:
         "contexts": n_contexts,
         "tokens_per_measurement": stored_tokens,
         "token_count": "stored tokens = contexts x (context_len - 1), BOS excluded, same for all three",
-        "corpus": str(corpus) if corpus == extract_mod.CORPUS else "stdlib docstrings (data/corpus.parquet absent)",
+        "corpus": str(corpus) if corpus == extract_mod.CORPUS else "stdlib docstrings, built in a temp dir",
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "rounds": args.rounds,
