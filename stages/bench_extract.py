@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -91,26 +92,38 @@ def stdlib_docstring_corpus(path: Path, min_chars: int) -> None:
     pd.DataFrame({"doc_id": range(len(texts)), "source": "stdlib-docs", "text": texts}).to_parquet(path)
 
 
-def choose_corpus(tokenizer, tmp: Path, needed_contexts: int) -> Path:
-    """data/corpus.parquet when it is there and large enough, else a docstring corpus built in `tmp`."""
-    body_len = CONTEXT_LEN - 1
+def token_bodies(corpus: Path, tokenizer, n_contexts: int, tmp: Path) -> np.ndarray | None:
+    """The first `n_contexts` context bodies exactly as the extract stage builds them; None if too short."""
+    work = Path(tempfile.mkdtemp(dir=tmp))
+    try:
+        token_ids, _ = extract_mod.tokenise(corpus, tokenizer, CONTEXT_LEN - 1, n_contexts, work)
+        return np.array(token_ids)
+    except ValueError:
+        return None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def choose_corpus(tokenizer, tmp: Path, needed_contexts: int) -> tuple[Path, np.ndarray]:
+    """data/corpus.parquet when it is there and large enough, else a docstring corpus built in `tmp`;
+    with the token bodies of the first `needed_contexts` contexts."""
     if extract_mod.CORPUS.exists():
-        if extract_mod.count_contexts(extract_mod.CORPUS, tokenizer, body_len, needed_contexts) >= needed_contexts:
-            return extract_mod.CORPUS
+        bodies = token_bodies(extract_mod.CORPUS, tokenizer, needed_contexts, tmp)
+        if bodies is not None:
+            return extract_mod.CORPUS, bodies
         print(f"{extract_mod.CORPUS} is too small for this benchmark; using stdlib docstrings", file=sys.stderr)
     path = tmp / "corpus.parquet"
-    stdlib_docstring_corpus(path, min_chars=needed_contexts * body_len * 6)
-    available = extract_mod.count_contexts(path, tokenizer, body_len, needed_contexts)
-    if available < needed_contexts:
-        sys.exit(f"error: the stdlib docstring corpus gives only {available * body_len} tokens; lower --tokens")
-    return path
+    stdlib_docstring_corpus(path, min_chars=needed_contexts * (CONTEXT_LEN - 1) * 6)
+    bodies = token_bodies(path, tokenizer, needed_contexts, tmp)
+    if bodies is None:
+        sys.exit("error: the stdlib docstring corpus is too small for --tokens; lower it")
+    return path, bodies
 
 
-def token_rows(corpus: Path, tokenizer, n_contexts: int) -> torch.Tensor:
-    """The first `n_contexts` contexts exactly as the extract stage builds them: BOS + body."""
-    stream = extract_mod.contexts(corpus, tokenizer, CONTEXT_LEN - 1)
-    bodies = torch.stack([torch.from_numpy(next(stream)[0]).long() for _ in range(n_contexts)])
-    return torch.cat([torch.full((n_contexts, 1), tokenizer.bos_token_id), bodies], dim=1)
+def token_rows(bodies: np.ndarray, bos: int) -> torch.Tensor:
+    """BOS + body, as the extract stage feeds the model."""
+    body = torch.from_numpy(bodies).long()
+    return torch.cat([torch.full((len(body), 1), bos), body], dim=1)
 
 
 # ---------------------------------------------------------------- the three measurements
@@ -337,8 +350,8 @@ def main() -> None:
     tokenizer = model.tokenizer
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp_name:
         tmp = Path(tmp_name)
-        corpus = choose_corpus(tokenizer, tmp, math.ceil(rss_tokens[-1] / body_len))
-        rows = token_rows(corpus, tokenizer, n_contexts)
+        corpus, bodies = choose_corpus(tokenizer, tmp, math.ceil(rss_tokens[-1] / body_len))
+        rows = token_rows(bodies[:n_contexts], tokenizer.bos_token_id)
         measures: dict[str, Measure] = {
             "bare_forward": lambda: bench_bare(model, rows, p.layer + 1),
             "ours": lambda: bench_ours(model, corpus, n_contexts, tmp),

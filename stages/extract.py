@@ -38,6 +38,7 @@ OUT_DIR = Path("data/activations")
 PARTIAL_DIR = Path("data/activations.partial")
 METRICS = Path("metrics/extract.json")
 PROGRESS = "progress.json"
+TOKENS, DOC_IDS = "tokens.npy", "doc_ids.npy"  # the run's token stream, in the partial directory
 
 
 def document_tokens(corpus: Path, tokenizer, batch_rows: int = 256) -> Iterator[tuple[int, list[int]]]:
@@ -50,26 +51,27 @@ def document_tokens(corpus: Path, tokenizer, batch_rows: int = 256) -> Iterator[
             yield doc_id, [*ids, eos]
 
 
-def contexts(corpus: Path, tokenizer, body_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Consecutive (token_ids, doc_ids) chunks of `body_len` tokens from the document stream."""
-    tok_buf: list[int] = []
-    doc_buf: list[int] = []
+def tokenise(corpus: Path, tokenizer, body_len: int, n_contexts: int, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(token_ids, doc_ids), each [n_contexts, body_len]: the first contexts of the document stream.
+
+    Tokenised once, before the model runs, into memory-mapped .npy files in `directory` (memory
+    stays flat in n_tokens). Raises ValueError if the corpus is too short.
+    """
+    n = n_contexts * body_len
+    token_ids = np.lib.format.open_memmap(directory / TOKENS, mode="w+", dtype=np.int32, shape=(n,))
+    doc_ids = np.lib.format.open_memmap(directory / DOC_IDS, mode="w+", dtype=np.int64, shape=(n,))
+    filled = 0
     for doc_id, ids in document_tokens(corpus, tokenizer):
-        tok_buf.extend(ids)
-        doc_buf.extend([doc_id] * len(ids))
-        while len(tok_buf) >= body_len:
-            yield np.asarray(tok_buf[:body_len], dtype=np.int32), np.asarray(doc_buf[:body_len], dtype=np.int64)
-            del tok_buf[:body_len], doc_buf[:body_len]
-
-
-def count_contexts(corpus: Path, tokenizer, body_len: int, needed: int) -> int:
-    """How many full contexts the corpus gives, stopping early once `needed` is reached."""
-    total = 0
-    for _, ids in document_tokens(corpus, tokenizer):
-        total += len(ids)
-        if total >= needed * body_len:
-            return needed
-    return total // body_len
+        take = min(len(ids), n - filled)
+        token_ids[filled : filled + take] = ids[:take]
+        doc_ids[filled : filled + take] = doc_id
+        filled += take
+        if filled == n:
+            return token_ids.reshape(n_contexts, body_len), doc_ids.reshape(n_contexts, body_len)
+    raise ValueError(
+        f"extract.n_tokens: corpus {corpus} gives only {filled // body_len * body_len} tokens "
+        f"({filled // body_len} contexts of {body_len}); lower n_tokens to at most that"
+    )
 
 
 def fingerprint(p: params_mod.Params, corpus_sha: str) -> str:
@@ -126,24 +128,19 @@ def extract(
     if bos is None:
         raise ValueError(f"model {p.model} has no BOS token; extraction prepends BOS to every context")
 
-    available = count_contexts(corpus, tokenizer, body_len, n_contexts)
-    if available < n_contexts:
-        raise ValueError(
-            f"extract.n_tokens: corpus {corpus} gives only {available * body_len} tokens "
-            f"({available} contexts of {body_len}); lower n_tokens to at most that"
-        )
-
     fp = fingerprint(p, sha256_file(corpus))
     done = load_progress(partial, fp)
     start_context = sum(s.n_contexts for s in done)
+    try:
+        all_token_ids, all_doc_ids = tokenise(corpus, tokenizer, body_len, n_contexts, partial)
+    except ValueError:
+        shutil.rmtree(partial)
+        raise
     if done:
         print(f"resuming after {len(done)} complete shards ({start_context} contexts)", file=sys.stderr)
 
     run = capture_fn(model, p.hook_name, stop_at_layer=p.layer + 1)
     dtype = DTYPES[ex.dtype]
-    stream = contexts(corpus, tokenizer, body_len)
-    for _ in range(start_context):
-        next(stream)
 
     t0 = time.perf_counter()
     tokens_this_run = 0
@@ -159,8 +156,7 @@ def extract(
         for shard_idx in range(len(done), n_shards):
             first = shard_idx * per_shard
             count = min(per_shard, n_contexts - first)
-            chunk = [next(stream) for _ in range(count)]
-            token_ids = np.stack([c[0] for c in chunk])
+            token_ids = np.array(all_token_ids[first : first + count])
             acts = []
             # Batches restart at every shard so a resumed shard sees the same batch composition.
             for b in range(0, count, ex.batch_size):
@@ -172,7 +168,7 @@ def extract(
             index = {
                 "context_id": np.repeat(np.arange(first, first + count, dtype=np.int64), body_len),
                 "position": np.tile(np.arange(1, ex.context_len, dtype=np.int16), count),
-                "doc_id": np.concatenate([c[1] for c in chunk]),
+                "doc_id": np.array(all_doc_ids[first : first + count]).reshape(-1),
                 "token_id": token_ids.reshape(-1),
             }
             if pending is not None:
@@ -196,7 +192,9 @@ def extract(
         "fingerprint": fp,
     }
     manifest = write_manifest(partial, meta, done)
-    (partial / PROGRESS).unlink()
+    del all_token_ids, all_doc_ids
+    for name in (PROGRESS, TOKENS, DOC_IDS):
+        (partial / name).unlink()
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)

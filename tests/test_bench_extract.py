@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.bench_extract import run_saelens, saelens_config, stdlib_docstring_corpus, token_rows
+from stages.bench_extract import run_saelens, saelens_config, stdlib_docstring_corpus, token_bodies, token_rows
 from stages.extract import extract
 from stages.params import ExtractParams, Params
 from stages.shards import ActivationShards
@@ -23,7 +23,7 @@ def test_stdlib_docstring_corpus(tmp_path):
 
 
 def test_saelens_runner_stores_what_extract_stores(model, small_corpus, tmp_path):
-    rows = token_rows(small_corpus, model.tokenizer, 16)
+    rows = token_rows(token_bodies(small_corpus, model.tokenizer, 16, tmp_path), model.tokenizer.bos_token_id)
     assert (rows[:, 0] == model.tokenizer.bos_token_id).all() and rows.shape == (16, 128)
     p = Params(extract=ExtractParams(n_tokens=16 * 127))
     extract(p, model, small_corpus, tmp_path / "ours", tmp_path / "ours.partial", progress_bar=False)
