@@ -82,19 +82,17 @@ def select_pairs_dense(f: torch.Tensor, fraction: float) -> PairSelection:
     return PairSelection(iu[0, top.indices], iu[1, top.indices], top.values.float())
 
 
-class _PairCosSquared(torch.autograd.Function):
-    """mean_p (w_i . w_j)^2 over selected pairs, chunked so memory stays O(chunk * d_in)."""
+def pair_cosines(w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """w_i . w_j per pair, chunked so memory stays O(chunk * d_in). No autograd."""
+    with torch.no_grad():
+        return torch.cat([(w_dec[i[s : s + chunk]] * w_dec[j[s : s + chunk]]).sum(-1) for s in range(0, len(i), chunk)])
 
-    CHUNK = 16384
+
+class _PairCosSquared(torch.autograd.Function):
+    """mean_p cos_p^2, given the pairs' cosines, with a sparse backward."""
 
     @staticmethod
-    def forward(ctx, w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        cos = torch.cat(
-            [
-                (w_dec[i[s : s + _PairCosSquared.CHUNK]] * w_dec[j[s : s + _PairCosSquared.CHUNK]]).sum(-1)
-                for s in range(0, len(i), _PairCosSquared.CHUNK)
-            ]
-        )
+    def forward(ctx, w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w_dec, i, j, cos)
         return (cos**2).mean()
 
@@ -110,7 +108,7 @@ class _PairCosSquared(torch.autograd.Function):
             (np.concatenate([coef, coef]), (np.concatenate([ii, jj]), np.concatenate([jj, ii]))), (d, d)
         )
         grad = torch.from_numpy(np.asarray(sym @ w_dec.detach().numpy(), dtype=np.float32))
-        return grad, None, None
+        return grad, None, None, None
 
 
 def ortho_loss(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,10 +120,8 @@ def ortho_loss(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[torch.Tensor,
     if len(pairs) == 0:
         zero = w_dec.sum() * 0.0
         return zero, zero.detach()
-    loss = _PairCosSquared.apply(w_dec, pairs.i, pairs.j)
-    with torch.no_grad():
-        mean_abs = (w_dec[pairs.i] * w_dec[pairs.j]).sum(-1).abs().mean() if len(pairs) <= 65536 else loss.sqrt()
-    return loss, mean_abs
+    cos = pair_cosines(w_dec, pairs.i, pairs.j)
+    return _PairCosSquared.apply(w_dec, pairs.i, pairs.j, cos), cos.abs().mean()
 
 
 @dataclass
