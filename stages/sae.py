@@ -52,7 +52,10 @@ class SAE(nn.Module):
 
     def encode_scaled(self, x_scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents for already-scaled inputs, plus the top-k indices (topk) for sparse consumers."""
-        pre = self.pre_acts(x_scaled)
+        return self.activate(self.pre_acts(x_scaled))
+
+    def activate(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents from pre-activations, plus the top-k indices (topk)."""
         if self.cfg.architecture == "relu":
             return torch.relu(pre), None
         values, indices = torch.topk(pre, self.cfg.k, dim=-1, sorted=False)

@@ -132,11 +132,7 @@ class Trainer:
             group["lr"] = lr_at(self.step, t)
         xs = x * sae.cfg.input_scale
         pre = sae.pre_acts(xs)
-        if t.architecture == "topk":
-            values, indices = torch.topk(pre, t.k, dim=-1, sorted=False)
-            f = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-        else:
-            f, indices = torch.relu(pre), None
+        f, indices = sae.activate(pre)
         x_hat = f @ sae.W_dec + sae.b_dec
         err = xs - x_hat
         mse = (err**2).sum(-1).mean() / sae.cfg.d_in
@@ -317,10 +313,9 @@ def main() -> None:
         shards = ActivationShards(ACTIVATIONS)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
-    if p.train.train_tokens > 0 and shards.n_tokens < p.train.batch_size:
+    if shards.n_tokens < p.train.batch_size:
         sys.exit(f"error: {ACTIVATIONS} holds {shards.n_tokens} tokens, fewer than train.batch_size")
     cfg = run_config(p, args.name)
-    torch.manual_seed(cfg.seed)
     from dvclive import Live
 
     METRICS.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,7 @@ TINY = TrainParams(
 @pytest.fixture(scope="module")
 def shards(model, tmp_path_factory) -> ActivationShards:
     root = tmp_path_factory.mktemp("acts")
-    corpus = write_small_corpus(root / "corpus.parquet", n_docs=200)
-    del corpus
+    write_small_corpus(root / "corpus.parquet", n_docs=200)
     p = Params(extract=ExtractParams(context_len=64, n_tokens=6000, shard_tokens=1260, batch_size=8))
     extract(p, model, root / "corpus.parquet", root / "acts", root / "acts.partial", progress_bar=False)
     return ActivationShards(root / "acts")
@@ -124,7 +123,7 @@ def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
 def test_saelens_loads_and_encodes_identically(shards, tmp_path, architecture):
     from sae_lens import SAE as LensSAE
 
-    _, ours = run(RunConfig(replace(TINY, architecture=architecture, train_tokens=128 * 5)), shards, tmp_path)
+    _, ours = run(RunConfig(replace(TINY, architecture=architecture, train_tokens=128 * 5), seed=0), shards, tmp_path)
     theirs = LensSAE.load_from_disk(tmp_path / "sae")
     assert theirs.cfg.architecture() == {"topk": "topk", "relu": "standard"}[architecture]
     x = shards.load(0).float()[:200]
