@@ -76,7 +76,7 @@ class TrainParams:
     architecture: Literal["relu", "topk"] = "topk"
     d_sae: int = 4608
     k: int = 32  # active latents per token (topk)
-    l1_coeff: float = 0.01  # relu: weight of sum_i f_i ||w_i||, relative to the per-element MSE
+    l1_coeff: float = 1.0  # relu: weight of sum_i f_i ||w_i||, relative to the per-element MSE
     lr: float = 4e-4
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # lr decays linearly to 0 over this last fraction of steps
