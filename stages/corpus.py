@@ -12,7 +12,6 @@ Outputs: data/corpus.parquet (doc_id, source, text), data/probing/<task>.parquet
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from stages.params import DataParams, Params, load_or_exit
+from stages.shards import sha256_file
 
 
 class CorpusError(RuntimeError):
@@ -115,16 +115,8 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sae-ortho" / "downloads"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(pin: Pin, path: Path) -> None:
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != pin.sha256:
         raise CorpusError(
             f"{path}: sha256 {digest[:16]}... does not match the pinned {pin.sha256[:16]}... for "
