@@ -3,9 +3,10 @@
 Per batch, C_ij = sum_b f_bi f_bj over feature pairs i < j; the top `fraction` of the
 d_sae (d_sae - 1) / 2 pairs by C_ij are kept and tau * mean (w_i . w_j)^2 is added to the
 loss. Selection is exact but never forms a dense d_sae x d_sae matrix: the codes are a sparse
-[batch, d_sae] matrix F and F^T F is a sparse-sparse product (scipy's SMMP), whose work is the
-number of co-active pair products, B * L0^2, not B * d_sae^2. When fewer pairs co-activate
-than the budget K, only pairs with C_ij > 0 are kept.
+[batch, d_sae] matrix F, and the upper triangle of F^T F is accumulated only over co-active pairs
+(work sum_b L0_b^2 / 2, not B * d_sae^2) with a running top-K, in kernels.py. When fewer pairs
+co-activate than the budget K, only pairs with C_ij > 0 are kept. The loss and its gradient
+touch only the K kept pairs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from stages import kernels
 
 
 @dataclass
@@ -50,11 +53,35 @@ def codes_to_csr(f: torch.Tensor, topk_indices: torch.Tensor | None = None) -> s
     return sp.csr_matrix((f[rows, cols].numpy(), cols.numpy(), indptr), shape=(batch, d_sae))
 
 
+def select_pairs_csr(
+    offsets: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, d_sae: int, fraction: float
+) -> PairSelection:
+    """Top `fraction` of feature pairs by batch co-activation, from CSR codes (token b's active
+    latents are cols[offsets[b]:offsets[b+1]]; nonpositive values are not active)."""
+    i, j, score = kernels.top_coactive_pairs(
+        offsets.numpy(), cols.numpy(), values.detach().numpy(), d_sae, pair_budget(d_sae, fraction)
+    )
+    return PairSelection(torch.from_numpy(i), torch.from_numpy(j), torch.from_numpy(score.astype(np.float32)))
+
+
 def select_pairs(f: torch.Tensor, fraction: float, topk_indices: torch.Tensor | None = None) -> PairSelection:
-    """Top `fraction` of feature pairs by batch co-activation, from the sparse codes."""
+    """select_pairs_csr for dense codes [batch, d_sae] (uses the top-k indices when given)."""
+    codes = codes_to_csr(f, topk_indices)
+    return select_pairs_csr(
+        torch.from_numpy(codes.indptr),
+        torch.from_numpy(codes.indices.astype(np.int64)),
+        torch.from_numpy(codes.data),
+        f.shape[1],
+        fraction,
+    )
+
+
+def select_pairs_scipy(f: torch.Tensor, fraction: float, topk_indices: torch.Tensor | None = None) -> PairSelection:
+    """The same selection with scipy's sparse-sparse product (both triangles, one core, every
+    co-active pair materialised before the partition): the benchmark's earlier implementation."""
     d_sae = f.shape[1]
     codes = codes_to_csr(f, topk_indices)
-    coact = (codes.T.tocsr() @ codes).tocoo()  # symmetric, only co-active pairs stored
+    coact = (codes.T.tocsr() @ codes).tocoo()
     upper = (coact.row < coact.col) & (coact.data > 0)
     rows, cols, scores = coact.row[upper], coact.col[upper], coact.data[upper]
     budget = pair_budget(d_sae, fraction)
@@ -82,10 +109,9 @@ def select_pairs_dense(f: torch.Tensor, fraction: float) -> PairSelection:
     return PairSelection(iu[0, top.indices], iu[1, top.indices], top.values.float())
 
 
-def pair_cosines(w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """w_i . w_j per pair, chunked so memory stays O(chunk * d_in). No autograd."""
-    with torch.no_grad():
-        return torch.cat([(w_dec[i[s : s + chunk]] * w_dec[j[s : s + chunk]]).sum(-1) for s in range(0, len(i), chunk)])
+def pair_cosines(w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """w_i . w_j per pair, without gathering [K, d_in] copies of the rows. No autograd."""
+    return torch.from_numpy(kernels.pair_dots(w_dec.detach().numpy(), i.numpy(), j.numpy()))
 
 
 class _PairCosSquared(torch.autograd.Function):
@@ -99,16 +125,10 @@ class _PairCosSquared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         w_dec, i, j, cos = ctx.saved_tensors
-        # dL/dw_i = sum_j coef_ij w_j: a symmetric sparse matrix times W. scipy's CSR product is
-        # ~30x faster here than torch's index_add_ with repeated row ids.
+        # dL/dw_i = sum over i's pairs of coef_ij w_j: a symmetric sparse matrix times W.
         coef = (grad_out * 2.0 * cos / len(cos)).numpy()
-        ii, jj = i.numpy(), j.numpy()
-        d = w_dec.shape[0]
-        sym = sp.csr_matrix(
-            (np.concatenate([coef, coef]), (np.concatenate([ii, jj]), np.concatenate([jj, ii]))), (d, d)
-        )
-        grad = torch.from_numpy(np.asarray(sym @ w_dec.detach().numpy(), dtype=np.float32))
-        return grad, None, None, None
+        grad = kernels.pair_grad(w_dec.detach().numpy(), i.numpy(), j.numpy(), coef)
+        return torch.from_numpy(grad), None, None, None
 
 
 def ortho_loss(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,13 +34,15 @@ from tqdm import tqdm
 
 from stages import params as params_mod
 from stages.data import shuffled_batches
-from stages.ortho import TauSchedule, ortho_loss, select_pairs
+from stages.ortho import TauSchedule, ortho_loss, select_pairs_csr
 from stages.sae import SAE, SAEConfig
 from stages.shards import ActivationShards, atomic_write_text
+from stages.sparse_ops import ActiveCodes, decode_active, gather_pre_acts, positive_pattern, topk_pattern
 
 ACTIVATIONS = Path("data/activations")
 MODELS = Path("models")
 METRICS = Path("metrics/train")
+DENSE_FRACTION = 0.1  # above this share of active codes the dense step is faster
 
 
 class NonFiniteLoss(RuntimeError):
@@ -91,16 +93,6 @@ def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return median
 
 
-def aux_k_loss(sae: SAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual."""
-    k = min(k_aux, int(dead.sum()))
-    if k == 0:
-        return pre.new_zeros(())
-    values, indices = torch.topk(pre.masked_fill(~dead, float("-inf")), k, dim=-1)
-    recon = torch.zeros_like(pre).scatter(-1, indices, values.relu()) @ sae.W_dec
-    return ((residual - recon) ** 2).sum(-1).mean() / (residual**2).sum(-1).mean().clamp_min(1e-8)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, shards: ActivationShards, model_name: str = "", hook_name: str = ""):
         self.cfg = cfg
@@ -126,33 +118,73 @@ class Trainer:
         self.pair_log: list[dict[str, np.ndarray]] = []
         self.history: list[dict[str, float]] = []
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+    def encode_decode(self, xs: torch.Tensor, sparse: bool | None = None) -> tuple[ActiveCodes, torch.Tensor, dict]:
+        """Codes (CSR, differentiable values), reconstruction, and what AuxK needs.
+
+        The sparse path (sparse_ops.py) is used unless the active set is over
+        `DENSE_FRACTION` of the code matrix (an untrained ReLU SAE), where dense matmuls win.
+        Both compute the same function; tests compare their losses and gradients."""
+        sae = self.sae
+        with torch.no_grad():
+            x_centred = xs - sae.b_dec
+            pre = torch.addmm(sae.b_enc, x_centred, sae.W_enc)
+        if sae.cfg.architecture == "topk":
+            rows, cols, offsets = topk_pattern(pre, sae.cfg.k)
+        else:
+            rows, cols, offsets = positive_pattern(pre)
+        if sparse is None:
+            sparse = len(cols) <= DENSE_FRACTION * pre.numel()
+        ctx = {"sparse": sparse, "pre": pre, "x_centred": x_centred}
+        if sparse:
+            values = gather_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols).relu()
+            x_hat = decode_active(cols, offsets, values, sae.W_dec) + sae.b_dec
+        else:
+            pre_grad = sae.pre_acts(xs)
+            f = torch.zeros_like(pre_grad).index_put((rows, cols), pre_grad[rows, cols].relu())
+            values = f[rows, cols]
+            x_hat = f @ sae.W_dec + sae.b_dec
+            ctx["pre"] = pre_grad
+        return ActiveCodes(rows, cols, offsets, values), x_hat, ctx
+
+    def aux_k_loss(self, ctx: dict, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual."""
+        sae, pre = self.sae, ctx["pre"]
+        k = min(self.cfg.train.aux_k, int(dead.sum()))
+        rows, cols, offsets = topk_pattern(pre, k, allowed=dead)
+        if ctx["sparse"]:
+            values = gather_pre_acts(pre, ctx["x_centred"], sae.W_enc, sae.b_enc, sae.b_dec, rows, cols)
+            recon = decode_active(cols, offsets, values.relu(), sae.W_dec)
+        else:
+            f = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
+            recon = f @ sae.W_dec
+        return ((residual - recon) ** 2).sum(-1).mean() / (residual**2).sum(-1).mean().clamp_min(1e-8)
+
+    def train_step(self, x: torch.Tensor, sparse: bool | None = None) -> dict[str, float]:
         t, sae = self.cfg.train, self.sae
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t)
         xs = x * sae.cfg.input_scale
-        pre = sae.pre_acts(xs)
-        f, indices = sae.activate(pre)
-        x_hat = f @ sae.W_dec + sae.b_dec
+        codes, x_hat, ctx = self.encode_decode(xs, sparse)
         err = xs - x_hat
         mse = (err**2).sum(-1).mean() / sae.cfg.d_in
         loss = mse
         parts = {"mse": mse.item()}
+        active = codes.values.detach() > 0
         with torch.no_grad():
             self.silent_tokens += len(x)
-            self.silent_tokens[(f > 0).any(0)] = 0
+            self.silent_tokens[codes.cols[active]] = 0
             dead = self.silent_tokens >= t.dead_tokens
         if t.architecture == "relu":
-            l1 = (f * sae.W_dec.norm(dim=1)).sum(-1).mean() / sae.cfg.d_in
+            l1 = (codes.values * sae.W_dec.norm(dim=1)[codes.cols]).sum() / len(x) / sae.cfg.d_in
             loss = loss + t.l1_coeff * l1
             parts["l1"] = l1.item()
         elif t.aux_coeff > 0 and dead.any():
-            aux = aux_k_loss(sae, pre, err.detach(), dead, t.aux_k)
+            aux = self.aux_k_loss(ctx, err.detach(), dead)
             loss = loss + t.aux_coeff * aux
             parts["auxk"] = aux.item()
         tau = self.tau.tau
         if self.cfg.uses_ortho:
-            pairs = select_pairs(f, self.cfg.topk_fraction, indices)
+            pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, t.d_sae, self.cfg.topk_fraction)
             ortho, mean_abs_cos = ortho_loss(sae.W_dec, pairs)
             if tau > 0:
                 loss = loss + tau * ortho
@@ -183,7 +215,7 @@ class Trainer:
             **parts,
             "tau": tau,
             "lr": lr_at(self.step, t),
-            "l0": (f > 0).float().sum(-1).mean().item(),
+            "l0": active.sum().item() / len(x),
             "fvu": fvu.item(),
             "dead_fraction": dead.float().mean().item(),
         }

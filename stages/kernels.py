@@ -1,0 +1,228 @@
+"""Numba kernels for the orthogonality term's hot loops, kept apart from the readable code in ortho.py.
+
+Why hand-written: the selection needs the top K entries of the strict upper triangle of F^T F for
+a sparse F, and no library offers a sparse-sparse product fused with a top-K. scipy's SMMP
+computes both triangles on one core and materialises every co-active pair (tens of millions for
+heavy-tailed ReLU codes) before a separate partition; this kernel does the upper triangle only,
+on all cores, and keeps a running per-thread top-K so the candidate list stays small.
+
+Work is at most sum over tokens of L0_b (L0_b - 1) / 2 multiply-adds (Gustavson's row-wise SpGEMM
+with a dense accumulator per latent row). Rows are visited in decreasing order of an upper bound
+on their best score, so once the K-th best score seen exceeds a row's bound the remaining rows
+are skipped. Results are exact: a skipped row or dropped candidate provably scores below K
+complete scores already found (ties at the K-th score aside).
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(parallel=True, cache=True)
+def _positive_sorted_rows(indptr, cols, vals):
+    """The CSR restricted to positive values, each row's columns ascending."""
+    n_rows = len(indptr) - 1
+    out_ptr = np.zeros(n_rows + 1, np.int64)
+    for b in range(n_rows):
+        n = 0
+        for p in range(indptr[b], indptr[b + 1]):
+            if vals[p] > 0:
+                n += 1
+        out_ptr[b + 1] = out_ptr[b] + n
+    out_cols = np.empty(out_ptr[n_rows], np.int64)
+    out_vals = np.empty(out_ptr[n_rows], np.float32)
+    for b in nb.prange(n_rows):
+        w = out_ptr[b]
+        for p in range(indptr[b], indptr[b + 1]):
+            if vals[p] > 0:
+                out_cols[w], out_vals[w] = cols[p], vals[p]
+                w += 1
+        lo, hi = out_ptr[b], out_ptr[b + 1]
+        order = np.argsort(out_cols[lo:hi])
+        out_cols[lo:hi] = out_cols[lo:hi][order]
+        out_vals[lo:hi] = out_vals[lo:hi][order]
+    return out_ptr, out_cols, out_vals
+
+
+@nb.njit(cache=True)
+def _to_csc(indptr, cols, vals, d_sae):
+    """Column-major copy: for each latent, its tokens (ascending), values, and the entry's position
+    in the CSR (so a token's row can be scanned from just after it)."""
+    n_rows = len(indptr) - 1
+    colptr = np.zeros(d_sae + 1, np.int64)
+    for p in range(len(cols)):
+        colptr[cols[p] + 1] += 1
+    for c in range(d_sae):
+        colptr[c + 1] += colptr[c]
+    fill = colptr[:-1].copy()
+    tokens = np.empty(colptr[d_sae], np.int64)
+    tvals = np.empty(colptr[d_sae], np.float64)
+    tpos = np.empty(colptr[d_sae], np.int64)
+    for b in range(n_rows):
+        for p in range(indptr[b], indptr[b + 1]):
+            q = fill[cols[p]]
+            tokens[q], tvals[q], tpos[q] = b, vals[p], p
+            fill[cols[p]] += 1
+    return colptr, tokens, tvals, tpos
+
+
+@nb.njit(cache=True)
+def _keep_top(out_i, out_j, out_s, n, budget):
+    """Compact the first n candidates to the `budget` largest in place; return (budget, K-th score)."""
+    kth = np.partition(out_s[:n].copy(), n - budget)[n - budget]
+    above = 0
+    for p in range(n):
+        if out_s[p] > kth:
+            above += 1
+    ties = budget - above
+    w = 0
+    for p in range(n):
+        s = out_s[p]
+        if s > kth or (s == kth and ties > 0):
+            if s == kth:
+                ties -= 1
+            out_i[w], out_j[w], out_s[w] = out_i[p], out_j[p], s
+            w += 1
+    return w, kth
+
+
+@nb.njit(parallel=True, cache=True)
+def _row_bounds(indptr, vals, colptr, tokens, tvals, tpos, d_sae):
+    """U_i >= max_{j > i} C_ij: sum over i's tokens of f_bi times the largest f_bj after i in b's row."""
+    suffix_max = np.zeros(len(vals), np.float64)
+    for b in nb.prange(len(indptr) - 1):
+        m = 0.0
+        for p in range(indptr[b + 1] - 1, indptr[b] - 1, -1):
+            suffix_max[p] = m
+            if vals[p] > m:
+                m = vals[p]
+    bound = np.zeros(d_sae, np.float64)
+    for i in nb.prange(d_sae):
+        u = 0.0
+        for q in range(colptr[i], colptr[i + 1]):
+            u += tvals[q] * suffix_max[tpos[q]]
+        bound[i] = u
+    return bound
+
+
+@nb.njit(parallel=True, cache=True)
+def _top_pairs_parts(indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, budget, n_parts, order, bound):
+    cap = 2 * budget + d_sae  # one latent row adds at most d_sae candidates before a prune
+    out_i = np.empty((n_parts, cap), np.int64)
+    out_j = np.empty((n_parts, cap), np.int64)
+    out_s = np.empty((n_parts, cap), np.float64)
+    counts = np.zeros(n_parts, np.int64)
+    # Each part's K-th best complete score is a lower bound on the global K-th best; parts read
+    # each other's (a stale read is only a weaker bound, so results stay exact).
+    floors = np.zeros(n_parts, np.float64)
+    for part in nb.prange(n_parts):
+        acc = np.zeros(d_sae, np.float64)
+        touched = np.empty(d_sae, np.int64)
+        n = 0
+        # Rows in decreasing order of their bound, interleaved across parts: the floor rises fast,
+        # and once a row's bound is below it no later row of this part can hold a top pair.
+        for r in range(part, d_sae, n_parts):
+            i = order[r]
+            floor = floors.max()
+            if bound[i] <= floor:
+                break
+            n_touched = 0
+            for q in range(colptr[i], colptr[i + 1]):
+                b, a = tokens[q], tvals[q]
+                for p in range(tpos[q] + 1, indptr[b + 1]):  # rows are sorted: exactly the j > i
+                    j = cols[p]
+                    if acc[j] == 0.0:  # products of positive codes are > 0
+                        touched[n_touched] = j
+                        n_touched += 1
+                    acc[j] += a * vals[p]
+            for m in range(n_touched):
+                j = touched[m]
+                s = acc[j]
+                acc[j] = 0.0
+                if s > floor:
+                    out_i[part, n], out_j[part, n], out_s[part, n] = i, j, s
+                    n += 1
+            if n >= 2 * budget:
+                n, kth = _keep_top(out_i[part], out_j[part], out_s[part], n, budget)
+                floors[part] = max(floors[part], kth)
+        counts[part] = n
+    return out_i, out_j, out_s, counts
+
+
+def top_coactive_pairs(
+    indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, d_sae: int, budget: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `budget` pairs i < j with the largest C_ij = sum_b f_bi f_bj > 0, sorted by score
+    (descending). F is given as CSR (indptr, cols, vals) with nonnegative values; zeros are skipped."""
+    indptr, cols, vals = _positive_sorted_rows(
+        np.ascontiguousarray(indptr, np.int64),
+        np.ascontiguousarray(cols, np.int64),
+        np.ascontiguousarray(vals, np.float32),
+    )
+    colptr, tokens, tvals, tpos = _to_csc(indptr, cols, vals, d_sae)
+    bound = _row_bounds(indptr, vals, colptr, tokens, tvals, tpos, d_sae)
+    order = np.argsort(-bound, kind="stable")
+    n_parts = nb.get_num_threads()
+    out_i, out_j, out_s, counts = _top_pairs_parts(
+        indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, budget, n_parts, order, bound
+    )
+    return _merge_parts(out_i, out_j, out_s, counts, budget)
+
+
+@nb.njit(cache=True)
+def _merge_parts(out_i, out_j, out_s, counts, budget):
+    """The parts' candidates, cut to the `budget` best, sorted by score (descending, stable)."""
+    total = counts.sum()
+    i, j, s = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float64)
+    w = 0
+    for part in range(len(counts)):
+        for p in range(counts[part]):
+            i[w], j[w], s[w] = out_i[part, p], out_j[part, p], out_s[part, p]
+            w += 1
+    if total > budget:
+        total, _ = _keep_top(i, j, s, total, budget)
+    order = np.argsort(-s[:total], kind="mergesort")
+    return i[order], j[order], s[order]
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def pair_dots(w, i, j):
+    """w_i . w_j for each pair."""
+    out = np.empty(len(i), np.float32)
+    d = w.shape[1]
+    for p in nb.prange(len(i)):
+        s = np.float32(0.0)
+        for x in range(d):
+            s += w[i[p], x] * w[j[p], x]
+        out[p] = s
+    return out
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def pair_grad(w, i, j, coef):
+    """G = S @ w with S the symmetric sparse matrix S_ij = S_ji = coef_p: row r of G is
+    sum over r's pairs of coef * w_partner. Rows are independent, so they run in parallel."""
+    d_sae, d = w.shape
+    start = np.zeros(d_sae + 1, np.int64)
+    for p in range(len(i)):
+        start[i[p] + 1] += 1
+        start[j[p] + 1] += 1
+    for r in range(d_sae):
+        start[r + 1] += start[r]
+    fill = start[:-1].copy()
+    partner = np.empty(2 * len(i), np.int64)
+    weight = np.empty(2 * len(i), np.float32)
+    for p in range(len(i)):
+        a, b = i[p], j[p]
+        partner[fill[a]], weight[fill[a]] = b, coef[p]
+        fill[a] += 1
+        partner[fill[b]], weight[fill[b]] = a, coef[p]
+        fill[b] += 1
+    grad = np.zeros((d_sae, d), np.float32)
+    for r in nb.prange(d_sae):
+        for q in range(start[r], start[r + 1]):
+            c, s = partner[q], weight[q]
+            for x in range(d):
+                grad[r, x] += s * w[c, x]
+    return grad

@@ -1,0 +1,96 @@
+"""The training step's fast path: forward and backward touch only the active latents.
+
+A TopK (or trained ReLU) SAE has L0 << d_sae active latents per token, yet the textbook step
+(dense codes @ W_dec, autograd through the dense pre-activations) spends four B x d_sae x d_in
+matmuls on zeros. Here only the encoder's forward matmul is dense (every pre-activation is
+needed to choose the active set); the decoder is an embedding_bag over the active rows, and the
+encoder's backward is a sparse [d_sae, B] x [B, d_in] product. This is the approach of
+EleutherAI/sparsify's fused encoder; `tests/test_sparse_ops.py` checks it against the dense
+autograd step (same loss, same gradients).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# torch warns once that sparse CSR is "beta" and that invariant checks are off; the CSR built here
+# is valid by construction (sorted by latent, in range) and checks would cost a pass per step.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+
+@dataclass
+class ActiveCodes:
+    """The codes of a batch as CSR: token b's active latents are cols[offsets[b]:offsets[b+1]]."""
+
+    rows: torch.Tensor  # [nnz] int64 token of each entry
+    cols: torch.Tensor  # [nnz] int64 latent of each entry
+    offsets: torch.Tensor  # [batch + 1] int64
+    values: torch.Tensor  # [nnz] float32, differentiable
+
+    @property
+    def batch(self) -> int:
+        return len(self.offsets) - 1
+
+    def dense(self, d_sae: int) -> torch.Tensor:
+        out = self.values.new_zeros(self.batch, d_sae)
+        return out.index_put_((self.rows, self.cols), self.values)
+
+
+def topk_pattern(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None):
+    """(rows, cols, offsets) of each row's k largest pre-activations (among `allowed` latents)."""
+    with torch.no_grad():
+        scores = pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))
+        cols = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values.reshape(-1)
+    batch = len(pre)
+    rows = torch.arange(batch).repeat_interleave(k)
+    return rows, cols, torch.arange(0, batch * k + 1, k)
+
+
+def positive_pattern(pre: torch.Tensor):
+    """(rows, cols, offsets) of the positive pre-activations (the ReLU's active set), row-major."""
+    with torch.no_grad():
+        rows, cols = (pre > 0).nonzero(as_tuple=True)
+        offsets = torch.zeros(len(pre) + 1, dtype=torch.long)
+        offsets[1:] = torch.bincount(rows, minlength=len(pre)).cumsum(0)
+    return rows, cols, offsets
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """pre[rows, cols] for pre = (x - b_dec) @ W_enc + b_enc, given pre already computed (no grad).
+
+    Backward: dW_enc[:, c] = sum over entries (b, c) of g * (x_b - b_dec), a sparse [d_sae, B]
+    matrix times the centred inputs; db_enc = per-latent sum of g; db_dec = -W_enc @ db_enc.
+    """
+
+    @staticmethod
+    def forward(ctx, pre, x_centred, W_enc, b_enc, b_dec, rows, cols):
+        ctx.save_for_backward(x_centred, W_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_centred, W_enc, rows, cols = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        order = torch.argsort(cols, stable=True)
+        crow = torch.zeros(d_sae + 1, dtype=torch.long)
+        crow[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
+        g = grad.contiguous()
+        by_latent = torch.sparse_csr_tensor(crow, rows[order], g[order], (d_sae, len(x_centred)))
+        grad_w_enc = (by_latent @ x_centred).T
+        grad_b_enc = torch.zeros(d_sae, dtype=g.dtype).index_add_(0, cols, g)
+        grad_b_dec = -(W_enc @ grad_b_enc)
+        return None, None, grad_w_enc, grad_b_enc, grad_b_dec, None, None
+
+
+def gather_pre_acts(pre, x_centred, W_enc, b_enc, b_dec, rows, cols) -> torch.Tensor:
+    return _GatherPreActs.apply(pre, x_centred, W_enc, b_enc, b_dec, rows, cols)
+
+
+def decode_active(cols: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor):
+    """sum over a token's active latents of value * W_dec row, without the bias."""
+    return F.embedding_bag(cols, W_dec, offsets[:-1], mode="sum", per_sample_weights=values)
