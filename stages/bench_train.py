@@ -2,7 +2,7 @@
 against scipy's sparse product and a dense F^T F, and SAELens's training step for the same
 architecture, side by side on the same real activation batches. Writes metrics/bench_train.json.
 
-    python -m stages.bench_train [--sizes 4608 16384] [--batch 4096] [--steps 7] [--warmup 3]
+    python -m stages.bench_train [--sizes 4608 16384] [--batch 4096] [--steps 9] [--warmup 3]
                                  [--archs relu topk32 topk64]
 
 ReLU codes are benchmarked at a realistic sparsity: b_enc is set so each latent fires with
@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4608, 16384])
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--fraction", type=float, default=0.001)

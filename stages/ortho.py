@@ -23,12 +23,19 @@ from stages import kernels
 
 @dataclass
 class PairSelection:
+    """The kept pairs, in no particular order (`ranked()` sorts them)."""
+
     i: torch.Tensor  # [K] int64, i < j
     j: torch.Tensor  # [K] int64
     score: torch.Tensor  # [K] float32, C_ij
 
     def __len__(self) -> int:
         return int(self.i.numel())
+
+    def ranked(self) -> PairSelection:
+        """Best first; ties by (i, j), so the order does not depend on the kernel's thread count."""
+        order = np.lexsort((self.j.numpy(), self.i.numpy(), -self.score.numpy()))
+        return PairSelection(self.i[order], self.j[order], self.score[order])
 
 
 def pair_budget(d_sae: int, fraction: float) -> int:
@@ -126,9 +133,24 @@ class _PairCosSquared(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         w_dec, i, j, cos = ctx.saved_tensors
         # dL/dw_i = sum over i's pairs of coef_ij w_j: a symmetric sparse matrix times W.
-        coef = (grad_out * 2.0 * cos / len(cos)).numpy()
-        grad = kernels.pair_grad(w_dec.detach().numpy(), i.numpy(), j.numpy(), coef)
-        return torch.from_numpy(grad), None, None, None
+        grad = torch.zeros_like(w_dec)
+        add_ortho_grad_(grad, w_dec, PairSelection(i, j, cos), cos, float(grad_out))
+        return grad, None, None, None
+
+
+def add_ortho_grad_(grad: torch.Tensor, w_dec: torch.Tensor, pairs: PairSelection, cos: torch.Tensor, weight: float):
+    """grad += weight * d/dW mean_p cos_p^2, in place: the trainer's fast path (no autograd, no
+    second d_sae x d_in buffer). d/dw_i of cos_ij^2 = 2 cos_ij w_j, and symmetrically for w_j."""
+    coef = (weight * 2.0 / len(cos)) * cos.numpy()
+    kernels.add_pair_grad(grad.numpy(), w_dec.detach().numpy(), pairs.i.numpy(), pairs.j.numpy(), coef)
+
+
+def ortho_terms(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[float, float, torch.Tensor]:
+    """(mean cos^2, mean |cos|, cos) of the kept pairs, without autograd (see add_ortho_grad_)."""
+    if len(pairs) == 0:
+        return 0.0, 0.0, torch.zeros(0)
+    cos = pair_cosines(w_dec, pairs.i, pairs.j)
+    return float((cos.double() ** 2).mean()), float(cos.abs().double().mean()), cos
 
 
 def ortho_loss(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,11 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# torch warns once that sparse CSR is "beta" and that invariant checks are off; the CSR built here
-# is valid by construction (sorted by latent, in range) and checks would cost a pass per step.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
 
 @dataclass
 class ActiveCodes:
@@ -80,7 +75,11 @@ class _GatherPreActs(torch.autograd.Function):
         crow = torch.zeros(d_sae + 1, dtype=torch.long)
         crow[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
         g = grad.contiguous()
-        by_latent = torch.sparse_csr_tensor(crow, rows[order], g[order], (d_sae, len(x_centred)))
+        with warnings.catch_warnings():
+            # torch warns that sparse CSR is "beta" and that invariant checks are off; this CSR is
+            # valid by construction (sorted by latent, in range) and checks would cost a pass.
+            warnings.simplefilter("ignore", UserWarning)
+            by_latent = torch.sparse_csr_tensor(crow, rows[order], g[order], (d_sae, len(x_centred)))
         grad_w_enc = (by_latent @ x_centred).T
         grad_b_enc = torch.zeros(d_sae, dtype=g.dtype).index_add_(0, cols, g)
         grad_b_dec = -(W_enc @ grad_b_enc)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from stages import params as params_mod
 from stages.data import shuffled_batches
-from stages.ortho import TauSchedule, ortho_loss, select_pairs_csr
+from stages.ortho import TauSchedule, add_ortho_grad_, ortho_terms, select_pairs_csr
 from stages.sae import SAE, SAEConfig
 from stages.shards import ActivationShards, atomic_write_text
 from stages.sparse_ops import ActiveCodes, decode_active, gather_pre_acts, positive_pattern, topk_pattern
@@ -185,24 +185,27 @@ class Trainer:
         tau = self.tau.tau
         if self.cfg.uses_ortho:
             pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, t.d_sae, self.cfg.topk_fraction)
-            ortho, mean_abs_cos = ortho_loss(sae.W_dec, pairs)
-            if tau > 0:
-                loss = loss + tau * ortho
-            parts.update(ortho=ortho.item(), mean_abs_cos=mean_abs_cos.item(), n_pairs=len(pairs))
+            # Its gradient is added in place after backward (add_ortho_grad_), not through autograd.
+            ortho, mean_abs_cos, cos = ortho_terms(sae.W_dec, pairs)
+            parts.update(ortho=ortho, mean_abs_cos=mean_abs_cos, n_pairs=len(pairs))
             if self.step % self.cfg.ortho.log_pairs_every == 0:
+                ranked = pairs.ranked()
                 self.pair_log.append(
                     {
                         "step": np.full(len(pairs), self.step, dtype=np.int32),
-                        "i": pairs.i.numpy().astype(np.int32),
-                        "j": pairs.j.numpy().astype(np.int32),
-                        "score": pairs.score.numpy(),
+                        "i": ranked.i.numpy().astype(np.int32),
+                        "j": ranked.j.numpy().astype(np.int32),
+                        "score": ranked.score.numpy(),
                     }
                 )
             self.tau.update(parts["mean_abs_cos"])
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {self.step}: {parts}")
+        total = loss.item() + (tau * parts["ortho"] if self.cfg.uses_ortho else 0.0)
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"non-finite loss ({total}) at step {self.step}: {parts}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.uses_ortho and tau > 0:
+            add_ortho_grad_(sae.W_dec.grad, sae.W_dec, pairs, cos, tau)
         sae.remove_parallel_grad()
         self.opt.step()
         sae.normalize_decoder()
@@ -211,7 +214,7 @@ class Trainer:
             fvu = (err**2).sum() / (centered**2).sum()
         stats = {
             "step": self.step,
-            "loss": loss.item(),
+            "loss": total,
             **parts,
             "tau": tau,
             "lr": lr_at(self.step, t),

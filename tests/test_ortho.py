@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from stages.ortho import TauSchedule, ortho_loss, pair_budget, select_pairs, select_pairs_dense
+from stages.ortho import (
+    TauSchedule,
+    add_ortho_grad_,
+    ortho_loss,
+    ortho_terms,
+    pair_budget,
+    select_pairs,
+    select_pairs_dense,
+)
 
 
 def random_codes(batch: int, d_sae: int, active: int, topk: bool, seed: int):
@@ -24,7 +32,7 @@ def as_set(sel):
 @pytest.mark.parametrize(("batch", "d_sae", "active", "fraction"), [(64, 300, 12, 0.01), (256, 512, 8, 0.001)])
 def test_sparse_selection_equals_dense_reference(topk, batch, d_sae, active, fraction):
     f, indices = random_codes(batch, d_sae, active, topk, seed=d_sae)
-    sparse = select_pairs(f, fraction, indices)
+    sparse = select_pairs(f, fraction, indices).ranked()
     dense = select_pairs_dense(f, fraction)
     assert len(sparse) == len(dense) == pair_budget(d_sae, fraction)
     assert as_set(sparse) == as_set(dense)  # continuous random values: no ties
@@ -39,7 +47,7 @@ def test_budget_above_coactive_pairs_keeps_only_positive():
     f = torch.zeros(4, 50)
     f[0, [1, 2, 3]] = 1.0  # pairs (1,2) (1,3) (2,3)
     f[1, [3, 7]] = 2.0  # pair (3,7)
-    sel = select_pairs(f, 0.5)  # budget 613 >> 4 co-active pairs
+    sel = select_pairs(f, 0.5).ranked()  # budget 613 >> 4 co-active pairs
     assert as_set(sel) == {(1, 2), (1, 3), (2, 3), (3, 7)}
     assert sel.score[0] == 4.0 and as_set(select_pairs_dense(f, 0.5)) == as_set(sel)
 
@@ -67,6 +75,12 @@ def test_loss_and_gradient_match_autograd():
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(w1.grad, w2.grad)
     torch.testing.assert_close(mean_abs, cos.abs().mean().detach())
+    # The trainer's fast path: values without autograd, tau-weighted gradient added in place.
+    value, mean_abs_fast, cos_fast = ortho_terms(w, pairs)
+    assert value == pytest.approx(ref.item(), rel=1e-5) and mean_abs_fast == pytest.approx(mean_abs.item(), rel=1e-5)
+    grad = torch.ones_like(w)
+    add_ortho_grad_(grad, w, pairs, cos_fast, 0.5)
+    torch.testing.assert_close(grad, 1 + 0.5 * w2.grad)
 
 
 def test_tau_schedules():
@@ -97,7 +111,7 @@ def test_selection_with_heavy_tailed_codes_matches_dense(threads):
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        sparse = select_pairs(f, 0.001)
+        sparse = select_pairs(f, 0.001).ranked()
     finally:
         numba.set_num_threads(previous)
     dense = select_pairs_dense(f, 0.001)
