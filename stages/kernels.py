@@ -107,7 +107,7 @@ def _row_bounds(indptr, vals, colptr, tokens, tvals, tpos, d_sae):
 
 
 @nb.njit(parallel=True, cache=True)
-def _top_pairs_parts(indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, budget, n_parts, order, bound):
+def _top_pairs_parts(indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, budget, n_parts, order, bound, floor0):
     cap = 2 * budget + d_sae  # one latent row adds at most d_sae candidates before a prune
     out_i = np.empty((n_parts, cap), np.int64)
     out_j = np.empty((n_parts, cap), np.int64)
@@ -115,14 +115,14 @@ def _top_pairs_parts(indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, bud
     counts = np.zeros(n_parts, np.int64)
     # Each part's K-th best complete score is a lower bound on the global K-th best; parts read
     # each other's (a stale read is only a weaker bound, so results stay exact).
-    floors = np.zeros(n_parts, np.float64)
+    floors = np.full(n_parts, floor0)
     for part in nb.prange(n_parts):
         acc = np.zeros(d_sae, np.float64)
         touched = np.empty(d_sae, np.int64)
         n = 0
         # Rows in decreasing order of their bound, interleaved across parts: the floor rises fast,
         # and once a row's bound is below it no later row of this part can hold a top pair.
-        for r in range(part, d_sae, n_parts):
+        for r in range(part, len(order), n_parts):
             i = order[r]
             floor = floors.max()
             if bound[i] <= floor:
@@ -163,20 +163,28 @@ def top_coactive_pairs(
     colptr, tokens, tvals, tpos = _to_csc(indptr, cols, vals, d_sae)
     bound = _row_bounds(indptr, vals, colptr, tokens, tvals, tpos, d_sae)
     order = np.argsort(-bound, kind="stable")
+    order = order[: int((bound > 0).sum())]
     n_parts = nb.get_num_threads()
-    out_i, out_j, out_s, counts = _top_pairs_parts(
-        indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, budget, n_parts, order, bound
+    args = (indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, budget, n_parts)
+    # Two phases: the rows with the highest bounds first, merged across threads into one K-th best
+    # score, which then floors every thread in the second phase (a thread's own K-th best is lower).
+    first = min(len(order), max(256, len(order) // 8))
+    none = np.empty(0, np.int64)
+    i, j, s = _merge_parts(
+        none, none, none.astype(np.float64), *_top_pairs_parts(*args, order[:first], bound, 0.0), budget
     )
-    return _merge_parts(out_i, out_j, out_s, counts, budget)
+    floor = float(s.min()) if len(s) == budget else 0.0
+    return _merge_parts(i, j, s, *_top_pairs_parts(*args, order[first:], bound, floor), budget)
 
 
 @nb.njit(cache=True)
-def _merge_parts(out_i, out_j, out_s, counts, budget):
+def _merge_parts(seed_i, seed_j, seed_s, out_i, out_j, out_s, counts, budget):
     """The parts' candidates, cut to the `budget` best (in no particular order: sorting 10^5 pairs
     every step would cost a quarter of the selection, and only the pair log needs an order)."""
-    total = counts.sum()
+    total = len(seed_s) + counts.sum()
     i, j, s = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float64)
-    w = 0
+    i[: len(seed_s)], j[: len(seed_s)], s[: len(seed_s)] = seed_i, seed_j, seed_s
+    w = len(seed_s)
     for part in range(len(counts)):
         for p in range(counts[part]):
             i[w], j[w], s[w] = out_i[part, p], out_j[part, p], out_s[part, p]
