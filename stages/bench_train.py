@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stages.ortho import pair_budget, select_pairs_csr, select_pairs_scipy
+from stages.ortho import add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr, select_pairs_scipy
 from stages.params import TrainParams
 from stages.shards import ActivationShards, atomic_write_text
 from stages.train import RunConfig, Trainer
@@ -129,6 +130,14 @@ def main() -> None:
                 lambda c=codes, d=d_sae: select_pairs_csr(c.offsets, c.cols, c.values, d, args.fraction), 5
             )
             row["selection_scipy_s"] = median_time(lambda f=f: select_pairs_scipy(f, args.fraction), 1)
+            pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, args.fraction)
+            w_dec, grad = trainer.sae.W_dec, torch.zeros_like(trainer.sae.W_dec)
+
+            def loss_and_grad(w_dec=w_dec, grad=grad, pairs=pairs):
+                _, _, cos = ortho_terms(w_dec, pairs)
+                add_ortho_grad_(grad, w_dec, pairs, cos, 0.1)
+
+            row["ortho_loss_and_grad_s"] = median_time(loss_and_grad, 5)
             if label == "topk32" or d_sae <= 4608:
                 row["selection_dense_s"] = median_time(lambda f=f: dense_selection(f, args.fraction), 1)
             row.update({f"step_{name}_s": round(v, 4) for name, v in med.items()})
@@ -147,7 +156,8 @@ def main() -> None:
             print(
                 f"d_sae {d_sae:>6} {label:7} L0 {row['l0']:5.1f} step {med['ours']:.3f}s "
                 f"ortho +{row['ortho_overhead']:.1%} "
-                f"(selection {row['selection_sparse_s']:.3f}s, scipy {row['selection_scipy_s']:.3f}s) "
+                f"(selection {row['selection_sparse_s']:.3f}s, loss {row['ortho_loss_and_grad_s']:.3f}s, "
+                f"scipy {row['selection_scipy_s']:.3f}s) "
                 f"saelens {med['saelens']:.3f}s "
                 f"-> {row['speedup_vs_saelens']:.2f}x",
                 flush=True,
@@ -155,6 +165,7 @@ def main() -> None:
     out = {
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "fraction": args.fraction,
         "results": results,
     }
