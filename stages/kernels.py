@@ -9,8 +9,9 @@ on all cores, and keeps a running per-thread top-K so the candidate list stays s
 Work is at most sum over tokens of L0_b (L0_b - 1) / 2 multiply-adds (Gustavson's row-wise SpGEMM
 with a dense accumulator per latent row). Rows are visited in decreasing order of an upper bound
 on their best score, so once the K-th best score seen exceeds a row's bound the remaining rows
-are skipped. Results are exact: a skipped row or dropped candidate provably scores below K
-complete scores already found (ties at the K-th score aside).
+are skipped; a first pass over the top 1/8 of rows sets a K-th best shared by all threads.
+Results are exact: a skipped row or dropped candidate provably scores below K complete scores
+already found (ties at the K-th score aside).
 """
 
 from __future__ import annotations
@@ -169,12 +170,12 @@ def top_coactive_pairs(
     # Two phases: the rows with the highest bounds first, merged across threads into one K-th best
     # score, which then floors every thread in the second phase (a thread's own K-th best is lower).
     first = min(len(order), max(256, len(order) // 8))
-    none = np.empty(0, np.int64)
-    i, j, s = _merge_parts(
-        none, none, none.astype(np.float64), *_top_pairs_parts(*args, order[:first], bound, 0.0), budget
-    )
+    no_ids, no_scores = np.empty(0, np.int64), np.empty(0, np.float64)
+    phase1 = _top_pairs_parts(*args, order[:first], bound, 0.0)
+    i, j, s = _merge_parts(no_ids, no_ids, no_scores, *phase1, budget)
     floor = float(s.min()) if len(s) == budget else 0.0
-    return _merge_parts(i, j, s, *_top_pairs_parts(*args, order[first:], bound, floor), budget)
+    phase2 = _top_pairs_parts(*args, order[first:], bound, floor)
+    return _merge_parts(i, j, s, *phase2, budget)
 
 
 @nb.njit(cache=True)
