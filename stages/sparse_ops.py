@@ -5,8 +5,8 @@ A TopK (or trained ReLU) SAE has L0 << d_sae active latents per token, yet the t
 matmuls on zeros. Here only the encoder's forward matmul is dense (every pre-activation is
 needed to choose the active set); the decoder is an embedding_bag over the active rows, and the
 encoder's backward is a sparse [d_sae, B] x [B, d_in] product. This is the approach of
-EleutherAI/sparsify's fused encoder; `tests/test_sparse_ops.py` checks it against the dense
-autograd step (same loss, same gradients).
+EleutherAI/sparsify's fused encoder; `test_sparse_step_equals_dense_autograd_step` in
+`tests/test_train.py` checks it against the dense autograd step (same losses, same weights).
 """
 
 from __future__ import annotations
@@ -88,6 +88,26 @@ class _GatherPreActs(torch.autograd.Function):
 
 def gather_pre_acts(pre, x_centred, W_enc, b_enc, b_dec, rows, cols) -> torch.Tensor:
     return _GatherPreActs.apply(pre, x_centred, W_enc, b_enc, b_dec, rows, cols)
+
+
+class _DensePreActs(torch.autograd.Function):
+    """All of pre = (x - b_dec) @ W_enc + b_enc, given pre already computed (no grad), so the dense
+    step does not run the encoder matmul a second time. Backward as in _GatherPreActs, dense."""
+
+    @staticmethod
+    def forward(ctx, pre, x_centred, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(x_centred, W_enc)
+        return pre.view_as(pre)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_centred, W_enc = ctx.saved_tensors
+        grad_b_enc = grad.sum(0)
+        return None, None, x_centred.T @ grad, grad_b_enc, -(W_enc @ grad_b_enc)
+
+
+def dense_pre_acts(pre, x_centred, W_enc, b_enc, b_dec) -> torch.Tensor:
+    return _DensePreActs.apply(pre, x_centred, W_enc, b_enc, b_dec)
 
 
 def decode_active(cols: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor):

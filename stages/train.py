@@ -37,7 +37,14 @@ from stages.data import shuffled_batches
 from stages.ortho import TauSchedule, add_ortho_grad_, ortho_terms, select_pairs_csr
 from stages.sae import SAE, SAEConfig
 from stages.shards import ActivationShards, atomic_write_text
-from stages.sparse_ops import ActiveCodes, decode_active, gather_pre_acts, positive_pattern, topk_pattern
+from stages.sparse_ops import (
+    ActiveCodes,
+    decode_active,
+    dense_pre_acts,
+    gather_pre_acts,
+    positive_pattern,
+    topk_pattern,
+)
 
 ACTIVATIONS = Path("data/activations")
 MODELS = Path("models")
@@ -144,7 +151,7 @@ class Trainer:
             values = gather_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols).relu()
             x_hat = decode_active(cols, offsets, values, sae.W_dec) + sae.b_dec
         else:
-            pre_grad = sae.pre_acts(xs)
+            pre_grad = dense_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec)
             f = torch.zeros_like(pre_grad).index_put((rows, cols), pre_grad[rows, cols].relu())
             values = f[rows, cols]
             x_hat = f @ sae.W_dec + sae.b_dec

@@ -13,6 +13,7 @@ from stages.extract import extract
 from stages.params import ExtractParams, OrthoParams, ParamError, Params, TrainParams, load
 from stages.sae import SAE
 from stages.shards import ActivationShards
+from stages.sparse_ops import dense_pre_acts
 from stages.train import NonFiniteLoss, RunConfig, Trainer, train
 from tests.conftest import stage_env, write_small_corpus
 
@@ -82,6 +83,24 @@ def test_sparse_step_equals_dense_autograd_step(shards, architecture):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     for name, value in fast.sae.state_dict().items():
         torch.testing.assert_close(value, slow.sae.state_dict()[name], rtol=1e-4, atol=1e-5)
+
+
+def test_dense_pre_acts_backward_equals_autograd():
+    """The dense step reuses the no-grad pre-activations; its hand-written backward must be autograd's,
+    so that the sparse-vs-dense test above compares against the textbook gradient."""
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(16, 8, generator=gen), torch.randn(16, 12, generator=gen)
+    params = [torch.randn(*shape, generator=gen, requires_grad=True) for shape in ((8, 12), (12,), (8,))]
+    w_enc, b_enc, b_dec = params
+    ((x - b_dec) @ w_enc + b_enc).backward(g)
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    with torch.no_grad():
+        pre = (x - b_dec) @ w_enc + b_enc
+    dense_pre_acts(pre, x - b_dec.detach(), w_enc, b_enc, b_dec).backward(g)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e)
 
 
 def test_tau_zero_is_exactly_the_baseline(shards, tmp_path):
