@@ -135,7 +135,7 @@ def main() -> None:
 
             def loss_and_grad(w_dec=w_dec, grad=grad, pairs=pairs):
                 _, _, cos = ortho_terms(w_dec, pairs)
-                add_ortho_grad_(grad, w_dec, pairs, cos, 0.1)
+                add_ortho_grad_(grad, w_dec, pairs.i, pairs.j, cos, 0.1)
 
             row["ortho_loss_and_grad_s"] = median_time(loss_and_grad, 5)
             if label == "topk32" or d_sae <= 4608:

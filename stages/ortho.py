@@ -134,15 +134,17 @@ class _PairCosSquared(torch.autograd.Function):
         w_dec, i, j, cos = ctx.saved_tensors
         # dL/dw_i = sum over i's pairs of coef_ij w_j: a symmetric sparse matrix times W.
         grad = torch.zeros_like(w_dec)
-        add_ortho_grad_(grad, w_dec, PairSelection(i, j, cos), cos, float(grad_out))
+        add_ortho_grad_(grad, w_dec, i, j, cos, float(grad_out))
         return grad, None, None, None
 
 
-def add_ortho_grad_(grad: torch.Tensor, w_dec: torch.Tensor, pairs: PairSelection, cos: torch.Tensor, weight: float):
-    """grad += weight * d/dW mean_p cos_p^2, in place: the trainer's fast path (no autograd, no
-    second d_sae x d_in buffer). d/dw_i of cos_ij^2 = 2 cos_ij w_j, and symmetrically for w_j."""
+def add_ortho_grad_(
+    grad: torch.Tensor, w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor, cos: torch.Tensor, weight: float
+):
+    """grad += weight * d/dW mean_p cos_p^2 over pairs (i_p, j_p), in place: the trainer's fast path
+    (no autograd, no second d_sae x d_in buffer). d/dw_i of cos_ij^2 = 2 cos_ij w_j, and for w_j."""
     coef = (weight * 2.0 / len(cos)) * cos.numpy()
-    kernels.add_pair_grad(grad.numpy(), w_dec.detach().numpy(), pairs.i.numpy(), pairs.j.numpy(), coef)
+    kernels.add_pair_grad(grad.numpy(), w_dec.detach().numpy(), i.numpy(), j.numpy(), coef)
 
 
 def ortho_terms(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[float, float, torch.Tensor]:

@@ -50,20 +50,17 @@ class SAE(nn.Module):
     def pre_acts(self, x_scaled: torch.Tensor) -> torch.Tensor:
         return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
 
-    def encode_scaled(self, x_scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latents for already-scaled inputs, plus the top-k indices (topk) for sparse consumers."""
-        return self.activate(self.pre_acts(x_scaled))
-
-    def activate(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latents from pre-activations, plus the top-k indices (topk)."""
+    def encode_scaled(self, x_scaled: torch.Tensor) -> torch.Tensor:
+        """Latents for already-scaled inputs (training uses the sparse path in sparse_ops.py)."""
+        pre = self.pre_acts(x_scaled)
         if self.cfg.architecture == "relu":
-            return torch.relu(pre), None
+            return torch.relu(pre)
         values, indices = torch.topk(pre, self.cfg.k, dim=-1, sorted=False)
         # Same order as SAELens's TopK: select by pre-activation, then ReLU.
-        return torch.zeros_like(pre).scatter(-1, indices, values.relu()), indices
+        return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode_scaled(x * self.cfg.input_scale)[0]
+        return self.encode_scaled(x * self.cfg.input_scale)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return (f @ self.W_dec + self.b_dec) / self.cfg.input_scale

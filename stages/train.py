@@ -217,7 +217,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.uses_ortho and tau > 0:
-            add_ortho_grad_(sae.W_dec.grad, sae.W_dec, pairs, cos, tau)
+            add_ortho_grad_(sae.W_dec.grad, sae.W_dec, pairs.i, pairs.j, cos, tau)
         sae.remove_parallel_grad()
         self.opt.step()
         sae.normalize_decoder()

@@ -79,7 +79,7 @@ def test_loss_and_gradient_match_autograd():
     value, mean_abs_fast, cos_fast = ortho_terms(w, pairs)
     assert value == pytest.approx(ref.item(), rel=1e-5) and mean_abs_fast == pytest.approx(mean_abs.item(), rel=1e-5)
     grad = torch.ones_like(w)
-    add_ortho_grad_(grad, w, pairs, cos_fast, 0.5)
+    add_ortho_grad_(grad, w, pairs.i, pairs.j, cos_fast, 0.5)
     torch.testing.assert_close(grad, 1 + 0.5 * w2.grad)
 
 
