@@ -13,11 +13,12 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt Makefile
+$(STAMP): requirements.txt Makefile pyproject.toml
 	@start=$$(date +%s); \
 	$(PYTHON) -m venv $(VENV) && \
 	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) && \
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.txt && \
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . && \
 	echo "venv ready in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"
 	@touch $(STAMP)
 
@@ -29,12 +30,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m stages.bench_extract
-	$(PY) -m stages.bench_train
+	$(PY) -m bench.extract
+	$(PY) -m bench.train
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check stages tests
-	$(VENV)/bin/ruff format --check stages tests
+	$(VENV)/bin/ruff check sae_ortho stages bench tests
+	$(VENV)/bin/ruff format --check sae_ortho stages bench tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from stages.bench_extract import run_saelens, saelens_config, stdlib_docstring_corpus, token_bodies, token_rows
-from stages.extract import extract
-from stages.params import ExtractParams, Params
-from stages.shards import ActivationShards
+from bench.extract import run_saelens, saelens_config, stdlib_docstring_corpus, token_bodies, token_rows
+from sae_ortho.extract import extract
+from sae_ortho.params import ExtractParams, Params
+from sae_ortho.shards import ActivationShards
 
 
 @pytest.mark.parametrize("n_contexts", [16, 144, 1600])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stages.lm import ModelUnavailableError, load_model, load_smollm2_hf
+from sae_ortho.lm import ModelUnavailableError, load_model, load_smollm2_hf
 
 
 def test_tl_logits_match_hf(model):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stages.ortho import (
+from sae_ortho.ortho import (
     TauSchedule,
     add_ortho_grad_,
     ortho_loss,

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from stages.extract import extract
-from stages.params import ExtractParams, OrthoParams, ParamError, Params, TrainParams, load
-from stages.sae import SAE
-from stages.shards import ActivationShards
-from stages.sparse_ops import dense_pre_acts
-from stages.train import NonFiniteLoss, RunConfig, Trainer, train
+from sae_ortho.extract import extract
+from sae_ortho.params import ExtractParams, OrthoParams, ParamError, Params, TrainParams, load
+from sae_ortho.sae import SAE
+from sae_ortho.shards import ActivationShards
+from sae_ortho.sparse_ops import dense_pre_acts
+from sae_ortho.train import NonFiniteLoss, RunConfig, Trainer, train
 from tests.conftest import stage_env, write_small_corpus
 
 TINY = TrainParams(
@@ -138,7 +138,7 @@ def test_interrupted_training_resumes_to_the_same_weights(shards, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
-    import stages.train as train_mod
+    import sae_ortho.train as train_mod
 
     real = train_mod.shuffled_batches
 

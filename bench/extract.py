@@ -23,7 +23,7 @@ Even on an idle 2-core machine single measurements vary by ~±8%, so differences
 Peak RSS: fresh `python -m stages.extract` runs at N and 4N tokens; the high-water mark after model
 loading is compared (ratio ~1.0: memory does not grow with n_tokens).
 
-Usage: python -m stages.bench_extract [--rounds 3] [--tokens 18000] [--out metrics/bench_extract.json]
+Usage: python -m bench.extract [--rounds 3] [--tokens 18000] [--out metrics/bench_extract.json]
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ import pandas as pd
 import torch
 import yaml
 
-from stages import extract as extract_mod
-from stages.lm import load_model
-from stages.params import ExtractParams, Params
-from stages.shards import atomic_write_text
+from sae_ortho import extract as extract_mod
+from sae_ortho.lm import load_model
+from sae_ortho.params import ExtractParams, Params
+from sae_ortho.shards import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path("metrics/bench_extract.json")
@@ -264,13 +264,13 @@ def interleaved(measures: dict[str, Measure], rounds: int, stored_tokens: int) -
 RSS_CHILD = """
 import ctypes, json, runpy, sys
 from pathlib import Path
-import stages.lm
+import sae_ortho.lm
 
 def status_kib(key):
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
     return int(line.split()[1])
 
-load_model, peaks = stages.lm.load_model, {}
+load_model, peaks = sae_ortho.lm.load_model, {}
 
 def load_then_reset_peak(*args, **kwargs):
     model = load_model(*args, **kwargs)
@@ -279,7 +279,7 @@ def load_then_reset_peak(*args, **kwargs):
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS (Linux >= 4.0)
     return model
 
-stages.lm.load_model = load_then_reset_peak
+sae_ortho.lm.load_model = load_then_reset_peak
 runpy.run_module("stages.extract", run_name="__main__", alter_sys=True)
 peaks["extract"] = status_kib("VmHWM")
 Path(sys.argv[1]).write_text(json.dumps(peaks))

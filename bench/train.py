@@ -2,7 +2,7 @@
 against scipy's sparse product and a dense F^T F, and SAELens's training step for the same
 architecture, side by side on the same real activation batches. Writes metrics/bench_train.json.
 
-    python -m stages.bench_train [--sizes 4608 16384] [--batch 4096] [--steps 9] [--warmup 3]
+    python -m bench.train [--sizes 4608 16384] [--batch 4096] [--steps 9] [--warmup 3]
                                  [--archs relu topk32 topk64]
 
 ReLU codes are benchmarked at a realistic sparsity: b_enc is set so each latent fires with
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from stages.ortho import add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr, select_pairs_scipy
-from stages.params import TrainParams
-from stages.shards import ActivationShards, atomic_write_text
-from stages.train import RunConfig, Trainer
+from sae_ortho.ortho import add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr, select_pairs_scipy
+from sae_ortho.params import TrainParams
+from sae_ortho.shards import ActivationShards, atomic_write_text
+from sae_ortho.train import RunConfig, Trainer
 
 ARCHS = {"relu": ("relu", 32), "topk32": ("topk", 32), "topk64": ("topk", 64)}
 

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from stages import kernels
+from sae_ortho import kernels
 
 
 @dataclass

@@ -1,0 +1,210 @@
+"""Stage `extract`: run the model up to the hooked layer and store activations as shards.
+
+Contexts are `context_len` tokens: BOS followed by `context_len - 1` tokens of the document
+stream (documents concatenated, each followed by EOS). BOS activations are dropped, so every
+stored activation is a real text position; `n_tokens` counts stored activations.
+
+Resumable: shards are built in `data/activations.partial/` and each completed shard is
+recorded in `progress.json`; a rerun with the same fingerprint (params + corpus hash)
+continues after the last complete shard. Each shard is computed in its own batches, so a
+resumed run writes bit-identical shards. The finished directory is renamed to
+`data/activations/` in one step, so DVC never caches a half-written output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from sae_ortho import params as params_mod
+from sae_ortho.shards import DTYPES, ShardInfo, atomic_write_text, sha256_file, write_manifest, write_shard
+
+CORPUS = Path("data/corpus.parquet")
+OUT_DIR = Path("data/activations")
+PARTIAL_DIR = Path("data/activations.partial")
+METRICS = Path("metrics/extract.json")
+PROGRESS = "progress.json"
+TOKENS, DOC_IDS = "tokens.npy", "doc_ids.npy"  # the run's token stream, in the partial directory
+
+
+def document_tokens(corpus: Path, tokenizer, batch_rows: int = 256) -> Iterator[tuple[int, list[int]]]:
+    """(doc_id, token ids + EOS) for each document, streamed from the Parquet corpus."""
+    eos = tokenizer.eos_token_id
+    for batch in pq.ParquetFile(corpus).iter_batches(batch_size=batch_rows, columns=["doc_id", "text"]):
+        doc_ids = batch.column("doc_id").to_pylist()
+        encoded = tokenizer(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
+        for doc_id, ids in zip(doc_ids, encoded, strict=True):
+            yield doc_id, [*ids, eos]
+
+
+def tokenise(corpus: Path, tokenizer, body_len: int, n_contexts: int, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(token_ids, doc_ids), each [n_contexts, body_len]: the first contexts of the document stream.
+
+    Tokenised once, before the model runs, into memory-mapped .npy files in `directory` (memory
+    stays flat in n_tokens). Raises ValueError if the corpus is too short.
+    """
+    n = n_contexts * body_len
+    token_ids = np.lib.format.open_memmap(directory / TOKENS, mode="w+", dtype=np.int32, shape=(n,))
+    doc_ids = np.lib.format.open_memmap(directory / DOC_IDS, mode="w+", dtype=np.int64, shape=(n,))
+    filled = 0
+    for doc_id, ids in document_tokens(corpus, tokenizer):
+        take = min(len(ids), n - filled)
+        token_ids[filled : filled + take] = ids[:take]
+        doc_ids[filled : filled + take] = doc_id
+        filled += take
+        if filled == n:
+            return token_ids.reshape(n_contexts, body_len), doc_ids.reshape(n_contexts, body_len)
+    raise ValueError(
+        f"extract.n_tokens: corpus {corpus} gives only {filled // body_len * body_len} tokens "
+        f"({filled // body_len} contexts of {body_len}); lower n_tokens to at most that"
+    )
+
+
+def fingerprint(p: params_mod.Params, corpus_sha: str) -> str:
+    blob = json.dumps(
+        {"model": p.model, "hook": p.hook_name, "extract": asdict(p.extract), "corpus": corpus_sha}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_progress(partial: Path, fp: str) -> list[ShardInfo]:
+    """Completed shards of an interrupted run with the same fingerprint; otherwise start clean."""
+    progress = partial / PROGRESS
+    if progress.exists():
+        state = json.loads(progress.read_text())
+        shards = [ShardInfo(**s) for s in state["shards"]]
+        if state["fingerprint"] == fp and all((partial / s.file).exists() for s in shards):
+            return shards
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return []
+
+
+def capture_fn(model, hook_name: str, stop_at_layer: int):
+    """A function tokens -> activations at `hook_name`, running the model only up to the hook."""
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act: torch.Tensor, hook) -> None:
+        store["act"] = act
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        model.run_with_hooks(tokens, stop_at_layer=stop_at_layer, fwd_hooks=[(hook_name, save)])
+        return store.pop("act")
+
+    return run
+
+
+def extract(
+    p: params_mod.Params,
+    model,
+    corpus: Path = CORPUS,
+    out_dir: Path = OUT_DIR,
+    partial: Path = PARTIAL_DIR,
+    progress_bar: bool = True,
+) -> dict:
+    """Write the activation directory; return the extraction metrics."""
+    ex = p.extract
+    body_len = ex.context_len - 1
+    n_contexts = math.ceil(ex.n_tokens / body_len)
+    per_shard = max(1, ex.shard_tokens // body_len)
+    n_shards = math.ceil(n_contexts / per_shard)
+    tokenizer = model.tokenizer
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError(f"model {p.model} has no BOS token; extraction prepends BOS to every context")
+
+    fp = fingerprint(p, sha256_file(corpus))
+    done = load_progress(partial, fp)
+    start_context = sum(s.n_contexts for s in done)
+    try:
+        all_token_ids, all_doc_ids = tokenise(corpus, tokenizer, body_len, n_contexts, partial)
+    except ValueError:
+        shutil.rmtree(partial)
+        raise
+    if done:
+        print(f"resuming after {len(done)} complete shards ({start_context} contexts)", file=sys.stderr)
+
+    run = capture_fn(model, p.hook_name, stop_at_layer=p.layer + 1)
+    dtype = DTYPES[ex.dtype]
+
+    t0 = time.perf_counter()
+    tokens_this_run = 0
+    writer = ThreadPoolExecutor(max_workers=1)  # overlap hashing/writing with the next forward pass
+    pending: Future | None = None
+
+    def record(info: ShardInfo) -> None:
+        done.append(info)
+        atomic_write_text(partial / PROGRESS, json.dumps({"fingerprint": fp, "shards": [asdict(s) for s in done]}))
+
+    bar = tqdm(total=n_contexts * body_len, initial=start_context * body_len, unit="tok", disable=not progress_bar)
+    with torch.inference_mode():
+        for shard_idx in range(len(done), n_shards):
+            first = shard_idx * per_shard
+            count = min(per_shard, n_contexts - first)
+            token_ids = np.array(all_token_ids[first : first + count])
+            acts = []
+            # Batches restart at every shard so a resumed shard sees the same batch composition.
+            for b in range(0, count, ex.batch_size):
+                body = torch.from_numpy(token_ids[b : b + ex.batch_size]).long()
+                batch = torch.cat([torch.full((body.shape[0], 1), bos), body], dim=1)
+                acts.append(run(batch)[:, 1:].to(dtype).reshape(-1, model.cfg.d_model))
+                bar.update(body.numel())
+            activations = torch.cat(acts)
+            index = {
+                "context_id": np.repeat(np.arange(first, first + count, dtype=np.int64), body_len),
+                "position": np.tile(np.arange(1, ex.context_len, dtype=np.int16), count),
+                "doc_id": np.array(all_doc_ids[first : first + count]).reshape(-1),
+                "token_id": token_ids.reshape(-1),
+            }
+            if pending is not None:
+                record(pending.result())
+            pending = writer.submit(write_shard, partial, shard_idx, activations, index, first, count)
+            tokens_this_run += activations.shape[0]
+        if pending is not None:
+            record(pending.result())
+    writer.shutdown()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+
+    meta = {
+        "model": p.model,
+        "hook_name": p.hook_name,
+        "layer": p.layer,
+        "d_in": model.cfg.d_model,
+        "dtype": ex.dtype,
+        "context_len": ex.context_len,
+        "bos_policy": "excluded: BOS is prepended to every context and its activation is not stored",
+        "fingerprint": fp,
+    }
+    manifest = write_manifest(partial, meta, done)
+    del all_token_ids, all_doc_ids
+    for name in (PROGRESS, TOKENS, DOC_IDS):
+        (partial / name).unlink()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    partial.rename(out_dir)
+    return {
+        "tokens": manifest["n_tokens"],
+        "contexts": manifest["n_contexts"],
+        "shards": manifest["n_shards"],
+        "bytes": manifest["bytes"],
+        "tokens_this_run": tokens_this_run,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens_this_run / elapsed, 1) if tokens_this_run else None,
+        "resumed_from_context": start_context,
+        "norm_mean": round(manifest["norm"]["mean"], 4),
+    }

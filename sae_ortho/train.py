@@ -1,0 +1,350 @@
+"""SAE training with the instantaneous top-k orthogonality loss (stages `train` and `train_baseline`).
+
+`python -m stages.train --name ortho` (stages/train.py) uses `tau`, `topk_fraction`, `tau_schedule` and `ortho`;
+`python -m stages.train --name baseline` ignores them (tau = 0) so its DVC stage does not depend
+on them and never reruns when they change. Per step:
+
+  loss = ||x - x_hat||^2 / d_in  (+ l1_coeff * sum_i f_i ||w_i|| for relu, + AuxK for topk)
+         + tau_t * mean_{(i,j) in top pairs} (w_i . w_j)^2
+
+then the decoder gradient's component along each row is removed, Adam steps, and rows are
+renormalised to unit L2 norm. Checkpoints every `checkpoint_every` steps in `models/.ckpt_<name>/`
+let a killed run resume where it stopped; a non-finite loss stops with the step number and keeps
+the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from sae_ortho import params as params_mod
+from sae_ortho.data import shuffled_batches
+from sae_ortho.ortho import TauSchedule, add_ortho_grad_, ortho_terms, select_pairs_csr
+from sae_ortho.sae import SAE, SAEConfig
+from sae_ortho.shards import ActivationShards
+from sae_ortho.sparse_ops import (
+    ActiveCodes,
+    decode_active,
+    dense_pre_acts,
+    gather_pre_acts,
+    positive_pattern,
+    topk_pattern,
+)
+
+ACTIVATIONS = Path("data/activations")
+MODELS = Path("models")
+METRICS = Path("metrics/train")
+DENSE_FRACTION = 0.1  # above this share of active codes the dense step is faster
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; the baseline is this with tau = 0."""
+
+    train: params_mod.TrainParams
+    seed: int
+    tau: float = 0.0
+    topk_fraction: float = 0.001
+    tau_schedule: str = "fixed"
+    ortho: params_mod.OrthoParams = field(default_factory=params_mod.OrthoParams)
+
+    @property
+    def uses_ortho(self) -> bool:
+        return self.tau > 0 or self.tau_schedule == "adaptive"
+
+    def fingerprint(self, data_fp: str) -> str:
+        return hashlib.sha256(json.dumps([asdict(self), data_fp], sort_keys=True).encode()).hexdigest()
+
+
+def run_config(p: params_mod.Params, name: str) -> RunConfig:
+    if name == "baseline":
+        return RunConfig(train=p.train, seed=p.seed)
+    return RunConfig(p.train, p.seed, p.tau, p.topk_fraction, p.tau_schedule, p.ortho)
+
+
+def lr_at(step: int, t: params_mod.TrainParams) -> float:
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    decay_start = int(t.steps * (1 - t.decay_fraction))
+    if step >= decay_start and t.decay_fraction > 0:
+        return t.lr * max(0.0, (t.steps - step) / max(1, t.steps - decay_start))
+    return t.lr
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Weiszfeld iterations; the b_dec initialisation of dictionary_learning."""
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (x - median).norm(dim=1).clamp_min(1e-6)
+        median = (weights[:, None] * x).sum(0) / weights.sum()
+    return median
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, shards: ActivationShards, model_name: str = "", hook_name: str = ""):
+        self.cfg = cfg
+        t = cfg.train
+        torch.manual_seed(cfg.seed)
+        norm_mean = shards.manifest["norm"]["mean"]
+        scale = math.sqrt(shards.d_in) / norm_mean if t.normalize_inputs else 1.0
+        sae_cfg = SAEConfig(
+            d_in=shards.d_in,
+            d_sae=t.d_sae,
+            architecture=t.architecture,
+            k=t.k,
+            input_scale=scale,
+            model_name=model_name,
+            hook_name=hook_name,
+        )
+        self.sae = SAE(sae_cfg, seed=cfg.seed)
+        self.batches = shuffled_batches(shards, t.batch_size, cfg.seed, t.buffer_shards)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=(0.9, 0.999))
+        self.tau = TauSchedule(cfg.tau, cfg.tau_schedule, cfg.ortho.target, cfg.ortho.tau_lr)
+        self.step = 0
+        self.silent_tokens = torch.zeros(t.d_sae, dtype=torch.long)
+        self.pair_log: list[dict[str, np.ndarray]] = []
+        self.history: list[dict[str, float]] = []
+        self._pre_buffer = torch.empty(0)
+
+    def encode_decode(self, xs: torch.Tensor, sparse: bool | None = None) -> tuple[ActiveCodes, torch.Tensor, dict]:
+        """Codes (CSR, differentiable values), reconstruction, and what AuxK needs.
+
+        The sparse path (sparse_ops.py) is used unless the active set is over
+        `DENSE_FRACTION` of the code matrix (an untrained ReLU SAE), where dense matmuls win.
+        Both compute the same function; tests compare their losses and gradients."""
+        sae = self.sae
+        with torch.no_grad():
+            x_centred = xs - sae.b_dec
+            # One [batch, d_sae] buffer reused across steps: a fresh 268 MB tensor per step (d_sae
+            # 16384) is page-faulted in again every time, ~8% of the step.
+            if self._pre_buffer.shape != (len(xs), sae.cfg.d_sae):
+                self._pre_buffer = torch.empty(len(xs), sae.cfg.d_sae)
+            pre = torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=self._pre_buffer)
+        if sae.cfg.architecture == "topk":
+            rows, cols, offsets = topk_pattern(pre, sae.cfg.k)
+        else:
+            rows, cols, offsets = positive_pattern(pre)
+        if sparse is None:
+            sparse = len(cols) <= DENSE_FRACTION * pre.numel()
+        ctx = {"sparse": sparse, "pre": pre, "x_centred": x_centred}
+        if sparse:
+            values = gather_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols).relu()
+            x_hat = decode_active(cols, offsets, values, sae.W_dec) + sae.b_dec
+        else:
+            pre_grad = dense_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec)
+            f = torch.zeros_like(pre_grad).index_put((rows, cols), pre_grad[rows, cols].relu())
+            values = f[rows, cols]
+            x_hat = f @ sae.W_dec + sae.b_dec
+            ctx["pre"] = pre_grad
+        return ActiveCodes(rows, cols, offsets, values), x_hat, ctx
+
+    def aux_k_loss(self, ctx: dict, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual."""
+        sae, pre = self.sae, ctx["pre"]
+        k = min(self.cfg.train.aux_k, int(dead.sum()))
+        rows, cols, offsets = topk_pattern(pre, k, allowed=dead)
+        if ctx["sparse"]:
+            values = gather_pre_acts(pre, ctx["x_centred"], sae.W_enc, sae.b_enc, sae.b_dec, rows, cols)
+            recon = decode_active(cols, offsets, values.relu(), sae.W_dec)
+        else:
+            f = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
+            recon = f @ sae.W_dec
+        return ((residual - recon) ** 2).sum(-1).mean() / (residual**2).sum(-1).mean().clamp_min(1e-8)
+
+    def train_step(self, x: torch.Tensor, sparse: bool | None = None) -> dict[str, float]:
+        t, sae = self.cfg.train, self.sae
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, t)
+        xs = x * sae.cfg.input_scale
+        codes, x_hat, ctx = self.encode_decode(xs, sparse)
+        err = xs - x_hat
+        mse = (err**2).sum(-1).mean() / sae.cfg.d_in
+        loss = mse
+        parts = {"mse": mse.item()}
+        active = codes.values.detach() > 0
+        with torch.no_grad():
+            self.silent_tokens += len(x)
+            self.silent_tokens[codes.cols[active]] = 0
+            dead = self.silent_tokens >= t.dead_tokens
+        if t.architecture == "relu":
+            l1 = (codes.values * sae.W_dec.norm(dim=1)[codes.cols]).sum() / len(x) / sae.cfg.d_in
+            loss = loss + t.l1_coeff * l1
+            parts["l1"] = l1.item()
+        elif t.aux_coeff > 0 and dead.any():
+            aux = self.aux_k_loss(ctx, err.detach(), dead)
+            loss = loss + t.aux_coeff * aux
+            parts["auxk"] = aux.item()
+        tau = self.tau.tau
+        if self.cfg.uses_ortho:
+            pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, t.d_sae, self.cfg.topk_fraction)
+            # Its gradient is added in place after backward (add_ortho_grad_), not through autograd.
+            ortho, mean_abs_cos, cos = ortho_terms(sae.W_dec, pairs)
+            parts.update(ortho=ortho, mean_abs_cos=mean_abs_cos, n_pairs=len(pairs))
+            if self.step % self.cfg.ortho.log_pairs_every == 0:
+                ranked = pairs.ranked()
+                self.pair_log.append(
+                    {
+                        "step": np.full(len(pairs), self.step, dtype=np.int32),
+                        "i": ranked.i.numpy().astype(np.int32),
+                        "j": ranked.j.numpy().astype(np.int32),
+                        "score": ranked.score.numpy(),
+                    }
+                )
+            self.tau.update(parts["mean_abs_cos"])
+        total = loss.item() + (tau * parts["ortho"] if self.cfg.uses_ortho else 0.0)
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"non-finite loss ({total}) at step {self.step}: {parts}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.uses_ortho and tau > 0:
+            add_ortho_grad_(sae.W_dec.grad, sae.W_dec, pairs.i, pairs.j, cos, tau)
+        sae.remove_parallel_grad()
+        self.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            centered = xs - xs.mean(0)
+            fvu = (err**2).sum() / (centered**2).sum()
+        stats = {
+            "step": self.step,
+            "loss": total,
+            **parts,
+            "tau": tau,
+            "lr": lr_at(self.step, t),
+            "l0": active.sum().item() / len(x),
+            "fvu": fvu.item(),
+            "dead_fraction": dead.float().mean().item(),
+        }
+        self.step += 1
+        return stats
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "tau": self.tau.tau,
+            "silent_tokens": self.silent_tokens,
+            "pair_log": self.pair_log,
+            "history": self.history,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self, directory: Path, fingerprint: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / ".ckpt.pt.tmp"
+        torch.save({"fingerprint": fingerprint, **self.state()}, tmp)
+        os.replace(tmp, directory / "ckpt.pt")
+
+    def load_checkpoint(self, directory: Path, fingerprint: str) -> bool:
+        path = directory / "ckpt.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            return False
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.tau.tau = state["step"], state["tau"]
+        self.silent_tokens, self.pair_log, self.history = state["silent_tokens"], state["pair_log"], state["history"]
+        torch.set_rng_state(state["torch_rng"])
+        for _ in range(self.step):  # the data stream is deterministic: skip what was consumed
+            next(self.batches)
+        return True
+
+
+def log_live(live, stats: dict[str, float]) -> None:
+    """One dvclive step: every loss part, L0, FVU, dead fraction, tau_t, mean |cos| of kept pairs."""
+    if live is None:
+        return
+    live.step = int(stats["step"])
+    for key, value in stats.items():
+        if key != "step":
+            live.log_metric(key, value)
+    live.next_step()
+
+
+def train(
+    cfg: RunConfig,
+    shards: ActivationShards,
+    out_dir: Path,
+    ckpt_dir: Path,
+    model_name: str = "",
+    hook_name: str = "",
+    live=None,
+    progress_bar: bool = True,
+    max_steps: int | None = None,
+) -> dict:
+    """Train, checkpointing as it goes; write the SAE (ours + SAELens files) and the pair log."""
+    trainer = Trainer(cfg, shards, model_name, hook_name)
+    fp = cfg.fingerprint(shards.manifest.get("fingerprint", ""))
+    resumed = trainer.load_checkpoint(ckpt_dir, fp)
+    if resumed:
+        print(f"resuming from checkpoint at step {trainer.step}", file=sys.stderr)
+        for stats in trainer.history:  # the live log restarts empty: replay what the checkpoint holds
+            log_live(live, stats)
+    else:
+        sample = next(shuffled_batches(shards, 8192, cfg.seed + 1, 1))
+        with torch.no_grad():
+            trainer.sae.b_dec.copy_(geometric_median(sample * trainer.sae.cfg.input_scale))
+    t = cfg.train
+    total = t.steps if max_steps is None else min(t.steps, max_steps)
+    bar = tqdm(total=t.steps, initial=trainer.step, unit="step", disable=not progress_bar)
+    t0, step0 = time.perf_counter(), trainer.step
+    while trainer.step < total:
+        x = next(trainer.batches)
+        try:
+            stats = trainer.train_step(x)
+        except NonFiniteLoss:
+            trainer.save_checkpoint(ckpt_dir / "last_good", fp)  # state before the failing step
+            raise
+        if stats["step"] % t.log_every == 0 or trainer.step == t.steps:
+            trainer.history.append(stats)
+            log_live(live, stats)
+            bar.set_postfix(fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}", tau=f"{stats['tau']:.3g}")
+        if trainer.step % t.checkpoint_every == 0:
+            trainer.save_checkpoint(ckpt_dir, fp)
+        bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if trainer.step < t.steps:  # stopped early on purpose (tests): leave the checkpoint
+        return {"steps": trainer.step}
+
+    trainer.sae.save(out_dir)
+    if cfg.uses_ortho:
+        pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score")}
+        tmp = out_dir / ".pairs.parquet.tmp"
+        pq.write_table(pa.table(pairs), tmp)
+        os.replace(tmp, out_dir / "pairs.parquet")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    last = trainer.history[-5:]
+    final = {k: float(np.mean([h[k] for h in last])) for k in ("fvu", "l0", "mse", "dead_fraction", "tau")}
+    if cfg.uses_ortho:
+        final["mean_abs_cos"] = float(np.mean([h["mean_abs_cos"] for h in last]))
+    return {
+        **{k: round(v, 5) for k, v in final.items()},
+        "steps": trainer.step,
+        "tokens": trainer.step * t.batch_size,
+        "tokens_per_s": round((trainer.step - step0) * t.batch_size / elapsed, 1) if trainer.step > step0 else None,
+        "resumed": resumed,
+        "input_scale": round(trainer.sae.cfg.input_scale, 6),
+    }
