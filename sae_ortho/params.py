@@ -36,12 +36,18 @@ class DataParams:
     probe_train_per_class: int = 4000
     probe_test_per_class: int = 1000
     probe_chars: int = 600  # characters per probing example (about 128 tokens)
+    # Classes with fewer train or test examples are dropped (sae_bench's one-vs-rest probes need
+    # balanced negatives at the probing stage's per-class sizes); recorded in metrics/corpus.json.
+    probe_min_train_per_class: int = 250
+    probe_min_test_per_class: int = 60
 
     def validate(self, prefix: str = "data") -> None:
         _check(self.max_chars_per_source > 0, f"{prefix}.max_chars_per_source", "must be > 0")
         _check(self.probe_train_per_class >= 2, f"{prefix}.probe_train_per_class", "must be >= 2")
         _check(self.probe_test_per_class >= 1, f"{prefix}.probe_test_per_class", "must be >= 1")
         _check(self.probe_chars >= 20, f"{prefix}.probe_chars", "must be >= 20")
+        _check(self.probe_min_train_per_class >= 1, f"{prefix}.probe_min_train_per_class", "must be >= 1")
+        _check(self.probe_min_test_per_class >= 1, f"{prefix}.probe_min_test_per_class", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,79 @@ class OrthoParams:
         _check(self.log_pairs_every >= 1, f"{prefix}.log_pairs_every", "must be >= 1")
 
 
+# SAEBench's sparse-probing datasets (need the Hugging Face hub); the other task names are the
+# corpus stage's offline tasks (data/probing/<task>.parquet).
+SAEBENCH_HUB_TASKS = (
+    "LabHC/bias_in_bios_class_set1",
+    "LabHC/bias_in_bios_class_set2",
+    "LabHC/bias_in_bios_class_set3",
+    "canrager/amazon_reviews_mcauley_1and5",
+    "canrager/amazon_reviews_mcauley_1and5_sentiment",
+    "codeparrot/github-code",
+    "fancyzhx/ag_news",
+    "Helsinki-NLP/europarl",
+)
+OFFLINE_TASKS = ("language_id", "review_sentiment", "code_language", "party", "review_domain", "genre")
+
+
+@dataclass(frozen=True)
+class HeldoutParams:
+    """Held-out tokens for the core metrics (stage `llm_cache`): whole contexts from the documents
+    after the end of the training stream, never seen in training."""
+
+    n_tokens: int = 8192  # non-BOS tokens (contexts of extract.context_len)
+    batch_size: int = 8
+
+    def validate(self, prefix: str = "heldout") -> None:
+        _check(self.n_tokens >= 1, f"{prefix}.n_tokens", "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CoreParams:
+    """Core metrics per SAE (stage `core@<sae>`)."""
+
+    tail_factor: float = 5.0  # tokens with residual norm above tail_factor x median form the high-norm tail
+    dense_threshold: float = 0.1  # a latent firing on more than this share of held-out tokens is dense
+    pair_batch_size: int = 1024  # held-out tokens per batch for the pairs the selector keeps
+    pair_fraction: float = 0.001  # selector budget for those pairs (not the training topk_fraction)
+
+    def validate(self, prefix: str = "core") -> None:
+        _check(self.tail_factor > 1, f"{prefix}.tail_factor", "must be > 1")
+        _check(0 < self.dense_threshold <= 1, f"{prefix}.dense_threshold", "must be in (0, 1]")
+        _check(self.pair_batch_size >= 2, f"{prefix}.pair_batch_size", "must be >= 2")
+        _check(0 < self.pair_fraction <= 1, f"{prefix}.pair_fraction", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ProbingParams:
+    """SAEBench sparse probing (residuals in stage `llm_cache`, SAE probes in `probing@<sae>`)."""
+
+    tasks: tuple[str, ...] = OFFLINE_TASKS
+    train_per_class: int = 250
+    test_per_class: int = 60
+    context_len: int = 128  # tokens per example, BOS included (SAEBench: 128)
+    k_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+    batch_size: int = 16
+    seed: int = 42
+
+    def validate(self, prefix: str = "probing") -> None:
+        known = set(OFFLINE_TASKS) | set(SAEBENCH_HUB_TASKS)
+        _check(len(self.tasks) >= 1, f"{prefix}.tasks", "needs at least one task")
+        for task in self.tasks:
+            _check(
+                task in known,
+                f"{prefix}.tasks",
+                f"unknown task {task!r}; offline: {', '.join(OFFLINE_TASKS)}; hub (SAEBench): "
+                + ", ".join(SAEBENCH_HUB_TASKS),
+            )
+        _check(self.train_per_class >= 2, f"{prefix}.train_per_class", "must be >= 2")
+        _check(self.test_per_class >= 2, f"{prefix}.test_per_class", "must be >= 2")
+        _check(self.context_len >= 2, f"{prefix}.context_len", "must be >= 2")
+        _check(all(k >= 1 for k in self.k_values), f"{prefix}.k_values", "every k must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+
+
 @dataclass(frozen=True)
 class Params:
     model: str = "smollm2-135m"
@@ -138,6 +217,11 @@ class Params:
     tau_schedule: Literal["fixed", "adaptive"] = "fixed"
     train: TrainParams = field(default_factory=TrainParams)
     ortho: OrthoParams = field(default_factory=OrthoParams)
+    # SAEs the per-SAE evaluation stages run on (dvc.yaml foreach): name -> trained SAE directory.
+    saes: dict[str, str] = field(default_factory=lambda: {"baseline": "models/baseline", "ortho": "models/ortho"})
+    heldout: HeldoutParams = field(default_factory=HeldoutParams)
+    core: CoreParams = field(default_factory=CoreParams)
+    probing: ProbingParams = field(default_factory=ProbingParams)
 
     @property
     def hook_name(self) -> str:
@@ -180,6 +264,26 @@ class Params:
         self.extract.validate()
         self.train.validate()
         self.ortho.validate()
+        _check(isinstance(self.saes, dict) and len(self.saes) >= 1, "saes", "must map SAE names to directories")
+        for name, directory in self.saes.items():
+            _check(
+                isinstance(name, str) and name.isidentifier() and isinstance(directory, str),
+                f"saes.{name}",
+                f"names must be identifiers and values directory paths, got {name!r}: {directory!r}",
+            )
+        self.heldout.validate()
+        self.core.validate()
+        self.probing.validate()
+        _check(len(self.probing.k_values) >= 1, "probing.k_values", "needs at least one k")
+        # The corpus stage keeps classes with at least data.probe_min_*; probing then takes exactly
+        # probing.*_per_class of each, so the first must cover the second.
+        for split in ("train", "test"):
+            _check(
+                getattr(self.data, f"probe_min_{split}_per_class") >= getattr(self.probing, f"{split}_per_class"),
+                f"data.probe_min_{split}_per_class",
+                f"must be >= probing.{split}_per_class ({getattr(self.probing, f'{split}_per_class')}): "
+                "smaller classes would pass the corpus stage and fail probing",
+            )
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -216,6 +320,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             except ParamError:
                 continue
         raise ParamError(f"{where}: {value!r} does not match {hint}")
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), where, f"must be a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(item, v, f"{where}[{n}]") for n, v in enumerate(value))
+    if origin is dict:
+        _check(isinstance(value, dict), where, f"must be a mapping, got {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {_coerce(key_hint, k, where): _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
     if hint is float:
         _check(
             isinstance(value, (int, float)) and not isinstance(value, bool), where, f"must be a number, got {value!r}"

@@ -86,7 +86,11 @@ def write_shard(
     pq.write_table(pa.table(index), tmp_index)
     os.replace(tmp_index, index_path)
 
-    norms = activations.float().norm(dim=-1)
+    # numpy float64, single-threaded: torch's fp32 sum depends on how many threads the writer thread
+    # got (it runs beside the next forward pass), which made the manifest's norm statistics, and so
+    # the training input scale, vary between runs in the last digits.
+    acts64 = activations.float().numpy().astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", acts64, acts64))
     return ShardInfo(
         file=name,
         index_file=f"index/{index_path.name}",
@@ -96,7 +100,7 @@ def write_shard(
         sha256=sha256_file(path),
         bytes=path.stat().st_size + index_path.stat().st_size,
         norm_sum=float(norms.sum()),
-        norm_sq_sum=float((norms.double() ** 2).sum()),
+        norm_sq_sum=float((norms**2).sum()),
         norm_min=float(norms.min()),
         norm_max=float(norms.max()),
     )

@@ -347,4 +347,5 @@ def train(
         "tokens_per_s": round((trainer.step - step0) * t.batch_size / elapsed, 1) if trainer.step > step0 else None,
         "resumed": resumed,
         "input_scale": round(trainer.sae.cfg.input_scale, 6),
+        "seconds": round(elapsed, 1),  # training loop of this run (a resumed run counts its own part)
     }

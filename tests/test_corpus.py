@@ -138,6 +138,38 @@ def test_make_task_is_deterministic_and_grouped() -> None:
     assert not set(a[a.split == "train"].group) & set(a[a.split == "test"].group)
 
 
+def test_small_classes_are_dropped() -> None:
+    # c0 has 6 documents, c1 3, c2 1 snippet-rich document split in two groups; caps 4 train / 2 test.
+    docs = [corpus_stage.Doc("c0", f"a{i}", f"alpha {i} " + "lorem ipsum " * 40) for i in range(12)]
+    docs += [corpus_stage.Doc("c1", f"b{i}", f"beta {i} " + "dolor sit " * 40) for i in range(12)]
+    docs += [corpus_stage.Doc("c2", f"c{i}", f"gamma {i} " + "amet elit " * 6) for i in range(3)]
+    data = DataParams(probe_train_per_class=4, probe_test_per_class=2, probe_chars=60)
+    df = corpus_stage.make_task("t", docs, data, seed=0)
+    counts = df.groupby(["label", "split"]).size().unstack()
+    assert counts.loc["c2", "train"] < 4 <= counts.loc["c0", "train"], counts
+
+    strict = DataParams(**{**data.__dict__, "probe_min_train_per_class": 4, "probe_min_test_per_class": 2})
+    kept, dropped = corpus_stage.drop_small_classes("t", df, strict)
+    assert dropped == ["c2"]
+    assert kept is not None and set(kept["label"]) == {"c0", "c1"}
+    pd.testing.assert_frame_equal(kept, df[df["label"] != "c2"].reset_index(drop=True))
+
+    # One class left is no probing task: the whole task goes and every class is reported.
+    kept, dropped = corpus_stage.drop_small_classes("t", df[df["label"] != "c1"], strict)
+    assert kept is None and dropped == ["c0", "c2"]
+
+
+def test_dropped_classes_in_metrics(built: tuple[Path, dict], tasks: dict[str, pd.DataFrame]) -> None:
+    _, metrics = built
+    data = PARAMS.data
+    assert "html" in metrics["dropped_classes"]["code_language"]  # 70 train / 24 test with the pinned archives
+    for name, df in tasks.items():
+        counts = df.groupby(["label", "split"]).size().unstack(fill_value=0)
+        assert (counts["train"] >= data.probe_min_train_per_class).all(), (name, counts)
+        assert (counts["test"] >= data.probe_min_test_per_class).all(), (name, counts)
+        assert not set(df["label"]) & set(metrics["dropped_classes"].get(name, []))
+
+
 def test_hf_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
@@ -163,15 +195,17 @@ def test_hf_unreachable_is_one_line(
 ) -> None:
     import datasets
 
+    from stages import corpus as corpus_entry  # the stage entry prints the one line; the library raises
+
     def unreachable(name: str, split: str) -> None:
         raise ConnectionError("Couldn't reach 'someone/texts' on the Hub (LocalEntryNotFoundError)\nmore detail")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    monkeypatch.setattr(corpus_stage, "load_or_exit", lambda: Params(corpus="hf:someone/texts"))
+    monkeypatch.setattr(corpus_entry, "load_or_exit", lambda: Params(corpus="hf:someone/texts"))
     monkeypatch.setattr(corpus_stage, "fetch_packages", lambda cache=None: {})
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        corpus_stage.main()
+        corpus_entry.main()
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err

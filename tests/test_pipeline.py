@@ -1,5 +1,6 @@
 """End to end: `dvc repro` on a tiny config in a temporary git copy of the repo."""
 
+import ast
 import json
 import os
 import shutil
@@ -13,7 +14,13 @@ import yaml
 from tests.conftest import REPO, stage_env
 
 TINY = {
-    "data": {"max_chars_per_source": 300_000, "probe_train_per_class": 40, "probe_test_per_class": 20},
+    "data": {
+        "max_chars_per_source": 300_000,
+        "probe_train_per_class": 40,
+        "probe_test_per_class": 20,
+        "probe_min_train_per_class": 30,
+        "probe_min_test_per_class": 15,
+    },
     "extract": {"context_len": 32, "n_tokens": 3000, "shard_tokens": 1000, "batch_size": 8},
     "train": {
         "d_sae": 128,
@@ -27,6 +34,9 @@ TINY = {
         "aux_k": 16,
         "lr": 0.003,
     },
+    "heldout": {"n_tokens": 310, "batch_size": 5},
+    "core": {"pair_batch_size": 128, "pair_fraction": 0.01},
+    "probing": {"train_per_class": 30, "test_per_class": 15, "context_len": 32, "k_values": [1, 5]},
 }
 
 
@@ -78,6 +88,15 @@ def test_dvc_repro_end_to_end(repo_copy):
         assert 0 < metrics["fvu"] < 1 and metrics["l0"] == pytest.approx(8, abs=0.5)
         assert (repo_copy / f"models/{name}/cfg.json").exists()
     assert (repo_copy / "models/ortho/pairs.parquet").exists()
+    for name in ("baseline", "ortho"):
+        core = json.loads((repo_copy / f"metrics/core/{name}.json").read_text())
+        assert 0 < core["fvu"] < 1 and 0 < core["ce_recovered_vs_zero"] <= 1, core
+        assert core["l0"] == pytest.approx(8, abs=0.5)
+        probing = json.loads((repo_copy / f"metrics/sparse_probing/{name}.json").read_text())
+        sae = probing["eval_result_metrics"]["sae"]
+        assert 0.5 < sae["sae_top_5_test_accuracy"] <= 1, sae
+    heldout = json.loads((repo_copy / "data/heldout/manifest.json").read_text())
+    assert heldout["doc_split"]["heldout_docs"][0] > heldout["doc_split"]["training_stream_docs"][1]
 
 
 def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
@@ -85,11 +104,22 @@ def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
     params["tau"] = params["tau"] + 0.05
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
-    assert set(status) == {"train"}, status
-    ran = run(
-        [sys.executable, "-c", "from dvc.repo import Repo; print(sorted(s.name for s in Repo('.').reproduce()))"],
-        repo_copy,
-    )
-    assert ran.stdout.strip().splitlines()[-1] == "['train']"
+    assert set(status) == {"train"}, status  # its evaluations rerun because models/ortho changes
+    assert reproduced(repo_copy) == ["core@ortho", "probing@ortho", "train"]
     ortho = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
     assert ortho["tau"] == pytest.approx(params["tau"])
+
+
+def test_editing_one_sae_entry_reruns_exactly_its_evaluations(repo_copy):
+    """foreach values live in cmd, so DVC tracks them: pointing `saes.ortho` at another directory
+    reruns core@ortho and probing@ortho, nothing else (and nothing of the baseline)."""
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    shutil.copytree(repo_copy / "models/ortho", repo_copy / "ortho_copy")
+    params["saes"]["ortho"] = "ortho_copy"
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert reproduced(repo_copy) == ["core@ortho", "probing@ortho"]
+
+
+def reproduced(repo: Path) -> list[str]:
+    code = "from dvc.repo import Repo; print(sorted(s.addressing for s in Repo('.').reproduce()))"
+    return ast.literal_eval(run([sys.executable, "-c", code], repo).stdout.strip().splitlines()[-1])

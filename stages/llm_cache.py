@@ -1,0 +1,75 @@
+"""Stage `llm_cache`: every LLM-side computation the evaluations need, run once for all SAEs.
+
+- data/heldout/: held-out contexts (documents after the training stream), their activations and the
+  clean / zero- / mean-ablation CE losses (library: sae_ortho/heldout.py);
+- data/probe_acts/: per-token residuals of the probing examples and the LLM-residual probe
+  baseline (library: sae_ortho/probing.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sae_ortho import params as params_mod
+from sae_ortho.heldout import build_heldout
+from sae_ortho.lm import ModelUnavailableError, load_model
+from sae_ortho.probing import check_tasks_available, collect_probe_activations
+from sae_ortho.shards import ActivationShards, atomic_write_text
+
+CORPUS = Path("data/corpus.parquet")
+ACTIVATIONS = Path("data/activations")
+PROBING = Path("data/probing")
+HELDOUT = Path("data/heldout")
+PROBE_ACTS = Path("data/probe_acts")
+METRICS = Path("metrics/llm_cache.json")
+
+
+def main() -> None:
+    p = params_mod.load_or_exit()
+    torch.set_num_threads(torch.get_num_threads())
+    try:
+        activations = ActivationShards(ACTIVATIONS)
+        check_tasks_available(p, PROBING)  # hub tasks offline, missing task files: fail before the model loads
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    t0 = time.perf_counter()
+    try:
+        model = load_model(p.model)
+    except ModelUnavailableError as err:
+        sys.exit(f"error: {err}")
+    load_s = time.perf_counter() - t0
+    try:
+        t1 = time.perf_counter()
+        heldout = build_heldout(model, p, CORPUS, activations, HELDOUT)
+        heldout_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        probing = collect_probe_activations(model, p, PROBING, PROBE_ACTS)
+        probing_s = time.perf_counter() - t2
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    metrics = {
+        "heldout_tokens": heldout["n_tokens"],
+        "heldout_docs": heldout["doc_split"]["heldout_docs"],
+        "ce_clean": round(heldout["ce_clean"], 5),
+        "ce_zero_ablation": round(heldout["ce_zero_ablation"], 5),
+        "ce_mean_ablation": round(heldout["ce_mean_ablation"], 5),
+        "probing": probing,
+        "seconds": {
+            "model_load": round(load_s, 1),
+            "heldout": round(heldout_s, 1),
+            "probing": round(probing_s, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
+    }
+    METRICS.parent.mkdir(exist_ok=True)
+    atomic_write_text(METRICS, json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()
