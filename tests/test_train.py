@@ -62,7 +62,8 @@ def test_trained_sae_reconstructs_sparsely(shards, tmp_path, architecture):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-5, rtol=0)
     pairs = __import__("pandas").read_parquet(tmp_path / "sae" / "pairs.parquet")
     assert (pairs.i < pairs.j).all() and pairs.j.max() < 256 and len(pairs) > 0
-    # Held-out check with the saved model: FVU on a shard, computed from scratch.
+    # The saved model, reloaded: FVU recomputed from scratch on a training shard (in-sample; the
+    # held-out metrics are tested in tests/test_core.py).
     x = shards.load(len(shards) - 1).float()
     with torch.no_grad():
         fvu = ((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
