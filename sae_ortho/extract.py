@@ -40,14 +40,34 @@ PROGRESS = "progress.json"
 TOKENS, DOC_IDS = "tokens.npy", "doc_ids.npy"  # the run's token stream, in the partial directory
 
 
-def document_tokens(corpus: Path, tokenizer, batch_rows: int = 256) -> Iterator[tuple[int, list[int]]]:
-    """(doc_id, token ids + EOS) for each document, streamed from the Parquet corpus."""
+def document_tokens(
+    corpus: Path, tokenizer, first_doc: int = 0, batch_rows: int = 256
+) -> Iterator[tuple[int, list[int]]]:
+    """(doc_id, token ids + EOS) for each document with doc_id >= first_doc, streamed from the
+    Parquet corpus; earlier documents are skipped before tokenising."""
     eos = tokenizer.eos_token_id
     for batch in pq.ParquetFile(corpus).iter_batches(batch_size=batch_rows, columns=["doc_id", "text"]):
-        doc_ids = batch.column("doc_id").to_pylist()
-        encoded = tokenizer(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
-        for doc_id, ids in zip(doc_ids, encoded, strict=True):
+        columns = zip(batch.column("doc_id").to_pylist(), batch.column("text").to_pylist(), strict=True)
+        rows = [(d, t) for d, t in columns if d >= first_doc]
+        if not rows:
+            continue
+        encoded = tokenizer([t for _, t in rows], add_special_tokens=False)["input_ids"]
+        for (doc_id, _), ids in zip(rows, encoded, strict=True):
             yield doc_id, [*ids, eos]
+
+
+def fill_stream(docs: Iterator[tuple[int, list[int]]], token_ids: np.ndarray, doc_ids: np.ndarray) -> int:
+    """Concatenate the documents' tokens into the flat arrays until they are full; return how many
+    tokens were filled (less than their length when the documents run out)."""
+    n, filled = len(token_ids), 0
+    for doc_id, ids in docs:
+        take = min(len(ids), n - filled)
+        token_ids[filled : filled + take] = ids[:take]
+        doc_ids[filled : filled + take] = doc_id
+        filled += take
+        if filled == n:
+            break
+    return filled
 
 
 def tokenise(corpus: Path, tokenizer, body_len: int, n_contexts: int, directory: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -59,14 +79,9 @@ def tokenise(corpus: Path, tokenizer, body_len: int, n_contexts: int, directory:
     n = n_contexts * body_len
     token_ids = np.lib.format.open_memmap(directory / TOKENS, mode="w+", dtype=np.int32, shape=(n,))
     doc_ids = np.lib.format.open_memmap(directory / DOC_IDS, mode="w+", dtype=np.int64, shape=(n,))
-    filled = 0
-    for doc_id, ids in document_tokens(corpus, tokenizer):
-        take = min(len(ids), n - filled)
-        token_ids[filled : filled + take] = ids[:take]
-        doc_ids[filled : filled + take] = doc_id
-        filled += take
-        if filled == n:
-            return token_ids.reshape(n_contexts, body_len), doc_ids.reshape(n_contexts, body_len)
+    filled = fill_stream(document_tokens(corpus, tokenizer), token_ids, doc_ids)
+    if filled == n:
+        return token_ids.reshape(n_contexts, body_len), doc_ids.reshape(n_contexts, body_len)
     raise ValueError(
         f"extract.n_tokens: corpus {corpus} gives only {filled // body_len * body_len} tokens "
         f"({filled // body_len} contexts of {body_len}); lower n_tokens to at most that"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sae_ortho.extract import document_tokens
+from sae_ortho.extract import document_tokens, fill_stream
 from sae_ortho.params import Params
 from sae_ortho.shards import ActivationShards, atomic_write_text
 
@@ -48,16 +48,9 @@ def heldout_contexts(corpus: Path, tokenizer, first_doc: int, body_len: int, n_c
     n = n_contexts * body_len
     token_ids = np.empty(n, dtype=np.int64)
     doc_ids = np.empty(n, dtype=np.int64)
-    filled = 0
-    for doc_id, ids in document_tokens(corpus, tokenizer):
-        if doc_id < first_doc:
-            continue
-        take = min(len(ids), n - filled)
-        token_ids[filled : filled + take] = ids[:take]
-        doc_ids[filled : filled + take] = doc_id
-        filled += take
-        if filled == n:
-            return token_ids.reshape(n_contexts, body_len), doc_ids.reshape(n_contexts, body_len)
+    filled = fill_stream(document_tokens(corpus, tokenizer, first_doc), token_ids, doc_ids)
+    if filled == n:
+        return token_ids.reshape(n_contexts, body_len), doc_ids.reshape(n_contexts, body_len)
     raise ValueError(
         f"heldout.n_tokens: the {corpus} documents after the training stream (doc_id >= {first_doc}) give only "
         f"{filled} tokens; lower heldout.n_tokens or extract.n_tokens"

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from sae_ortho import params as params_mod
 from sae_ortho.heldout import build_heldout
 from sae_ortho.lm import ModelUnavailableError, load_model
@@ -31,7 +29,6 @@ METRICS = Path("metrics/llm_cache.json")
 
 def main() -> None:
     p = params_mod.load_or_exit()
-    torch.set_num_threads(torch.get_num_threads())
     try:
         activations = ActivationShards(ACTIVATIONS)
         check_tasks_available(p, PROBING)  # hub tasks offline, missing task files: fail before the model loads
