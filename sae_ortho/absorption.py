@@ -125,6 +125,7 @@ def seed_result(sae, letters_dir: Path, manifest: dict, seed_info: dict, ap: Abs
     model = CachedModel(manifest, tokenizer, prompts["prompt"].tolist(), acts, seed_info["prompt_tokens"])
     sae_name = f"{name}_seed{seed}"
     work = Path(tempfile.mkdtemp(prefix="absorption_"))
+    torch.manual_seed(seed)  # sae_bench's probe training shuffles with torch's global generator
     try:
         metrics_df = run_k_sparse_probing_experiment(
             model=model,
@@ -141,6 +142,7 @@ def seed_result(sae, letters_dir: Path, manifest: dict, seed_info: dict, ap: Abs
             f1_jump_threshold=ap.f1_jump_threshold,
             k_sparse_probe_l1_decay=ap.k_sparse_l1,
             k_sparse_probe_num_epochs=ap.k_sparse_epochs,
+            k_sparse_probe_batch_size=ap.k_sparse_batch_size,
             precalc_k_sparse_probe_sae_acts=True,
             verbose=False,
         )

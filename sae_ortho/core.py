@@ -174,7 +174,23 @@ def core_metrics(sae, model, hs: HeldoutSet, cp: CoreParams, progress_bar: bool 
     out.update(ce_metrics(ce, hs.refs))
     out["decoder_all_pairs"] = decoder_geometry_all_pairs(sae.W_dec)
     out["decoder_kept_pairs"] = kept_pair_geometry(sae, x, cp.pair_batch_size, cp.pair_fraction)
+    out["per_context"] = per_context_sums(x, x_hat, ce, hs.refs, len(hs.tokens))
     return out
+
+
+def per_context_sums(x, x_hat, ce: dict, refs: dict, n_contexts: int) -> dict[str, torch.Tensor]:
+    """Per held-out context: squared error, variance around the held-out mean, and summed CE (clean,
+    with the SAE, zero- and mean-ablated). Differences between SAEs get confidence intervals from
+    these by resampling contexts (tokens of one context are not independent)."""
+    per = lambda t: t.reshape(n_contexts, -1).double().sum(1)  # noqa: E731
+    return {
+        "sq_err": per(((x - x_hat) ** 2).sum(-1)),
+        "variance": per(((x - x.mean(0)) ** 2).sum(-1)),
+        "ce_clean": per(ce["clean"]["ce"]),
+        "ce_sae": per(ce["sae"]["ce"]),
+        "ce_zero": per(refs["ce_zero"]),
+        "ce_mean": per(refs["ce_mean"]),
+    }
 
 
 def science_failures(m: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """Stage `core@<sae>`: held-out core metrics of one SAE (library: sae_ortho/core.py).
 
-`python -m stages.core --sae NAME --dir SAE_DIR` -> metrics/core/NAME.json. Exits non-zero when a
+`python -m stages.core --sae NAME --dir SAE_DIR` -> metrics/core/NAME.json, and per-context sums in
+data/core/NAME.safetensors (for confidence intervals on differences between SAEs). Exits non-zero when a
 figure means a broken SAE or pipeline (FVU >= 1, CE recovered < 0, all latents dead, NaN).
 """
 
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from sae_ortho import params as params_mod
 from sae_ortho.core import core_metrics, science_failures
@@ -23,6 +26,7 @@ from sae_ortho.shards import atomic_write_text
 
 HELDOUT = Path("data/heldout")
 METRICS = Path("metrics/core")
+PER_CONTEXT = Path("data/core")
 
 
 def main() -> None:
@@ -48,8 +52,13 @@ def main() -> None:
     sae.eval()
     with torch.no_grad():
         metrics = core_metrics(sae, model, hs, p.core)
+    per_context = metrics.pop("per_context")
     metrics = {"sae": args.sae, "dir": str(args.dir), **metrics, "seconds": round(time.perf_counter() - t0, 1)}
     METRICS.mkdir(parents=True, exist_ok=True)
+    PER_CONTEXT.mkdir(parents=True, exist_ok=True)
+    tmp = PER_CONTEXT / f".{args.sae}.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in per_context.items()}, str(tmp))
+    os.replace(tmp, PER_CONTEXT / f"{args.sae}.safetensors")
     atomic_write_text(METRICS / f"{args.sae}.json", json.dumps(metrics, indent=2) + "\n")
     fails = science_failures(metrics)
     if fails:
