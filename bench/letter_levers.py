@@ -40,6 +40,14 @@ ARMS: dict[str, dict] = {
     "lr2e-3_tokens2M": {"lr": 2e-3, "train_tokens": 2_000_000},
     "lr4e-3_tokens2M": {"lr": 4e-3, "train_tokens": 2_000_000},
     "lr4e-3_batch512": {"lr": 4e-3, "batch_size": 512, "warmup_steps": 100},
+    "lr2e-3_batch256": {"lr": 2e-3, "batch_size": 256, "warmup_steps": 200},
+    "lr2e-3_k16": {"lr": 2e-3, "k": 16},
+    "lr2e-3_width2304": {"lr": 2e-3, "d_sae": 2304},
+    "lr2e-3_width9216": {"lr": 2e-3, "d_sae": 9216},
+    "lr2e-3_k8": {"lr": 2e-3, "k": 8},
+    "lr2e-3_k12": {"lr": 2e-3, "k": 12},
+    "lr2e-3_k16_width2304": {"lr": 2e-3, "k": 16, "d_sae": 2304},
+    "lr2e-3_k16_tokens2M": {"lr": 2e-3, "k": 16, "train_tokens": 2_000_000},
 }
 
 
