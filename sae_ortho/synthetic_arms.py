@@ -1,0 +1,229 @@
+"""One arm of the synthetic evaluation (stages `synthetic_baseline`, `synthetic_ortho`): train an SAE
+per (hierarchy, seed) with our trainer on streamed synthetic batches, evaluate it
+(sae_ortho/synthetic.py), aggregate over seeds with pair-bootstrap intervals."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sae_ortho.ortho import pair_budget
+from sae_ortho.params import Params, SyntheticHierarchy, SyntheticParams
+from sae_ortho.sae import SAE
+from sae_ortho.synthetic import (
+    PAIR_KINDS,
+    SyntheticSource,
+    bootstrap_ci,
+    build_model,
+    evaluate,
+    kept_pair_kinds,
+    parent_child_pairs,
+)
+from sae_ortho.train import RunConfig, run_config, train
+
+ARMS = ("baseline", "ortho")  # the LM's arms (run_config); the study's arms join here
+
+
+def synthetic_run_config(p: Params, arm: str, seed: int) -> RunConfig:
+    """The LM arm's RunConfig (same tau / topk_fraction / tau_schedule / ortho handling as
+    `run_config`) with the synthetic training settings and this training seed."""
+    return replace(run_config(p, arm), train=p.synthetic.train, seed=seed)
+
+
+def _clean(value):
+    """JSON-safe: NaN -> None, floats rounded, numpy scalars and arrays to Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if not np.isfinite(value) else round(float(value), 5)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def summarise(values: np.ndarray, n_boot: int) -> dict:
+    """Mean over seeds and pairs, per-seed means, and the pair-bootstrap 95% interval."""
+    values = np.atleast_2d(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (e.g. no learned parent) -> NaN
+        per_seed = np.nanmean(values, axis=1)
+        mean = np.nanmean(values)
+    return {"mean": float(mean), "ci95": bootstrap_ci(values, n_boot), "per_seed": per_seed}
+
+
+PER_PAIR = (
+    "absorption",
+    "absorption_control",
+    "parent_learned",
+    "absorption_learned",
+    "absorption_control_learned",
+    "partial",
+    "partial_control",
+    "activation_ratio",
+    "child_parent_cos",
+    "child_parent_cos_control",
+)
+
+
+def aggregate(h: SyntheticHierarchy, pairs: np.ndarray, runs: list[tuple[dict, dict]], s: SyntheticParams) -> dict:
+    """One hierarchy's figures over seeds (runs: (training metrics, evaluate() result) per seed)."""
+    stacked = {k: np.stack([ev["per_pair"][k] for _, ev in runs]) for k in PER_PAIR}
+    out: dict = {
+        "structure": {
+            "total_root_nodes": h.total_root_nodes,
+            "branching_factor": h.branching_factor,
+            "max_depth": h.max_depth,
+            "num_features": h.num_features,
+            "n_pairs": len(pairs),
+            "true_l0": float(np.mean([ev["summary"]["true_l0"] for _, ev in runs])),
+        },
+        **{k: summarise(v, s.bootstrap) for k, v in stacked.items()},
+        "absorption_minus_control": summarise(stacked["absorption"] - stacked["absorption_control"], s.bootstrap),
+    }
+    for key in ("l0", "explained_variance", "mcc", "precision", "recall", "f1", "dead_latents"):
+        vals = [ev["summary"][key] for _, ev in runs]
+        out[key] = {"mean": float(np.mean(vals)), "per_seed": vals}
+    if "kept_pairs_last20pct" in runs[0][0]:
+        out["kept_pairs_last20pct"] = {
+            kind: {"mean": float(np.mean(vals)), "per_seed": vals}
+            for kind in PAIR_KINDS
+            if (vals := [m["kept_pairs_last20pct"][kind] for m, _ in runs])
+        }
+    for key in ("fvu", "mean_abs_cos", "tau", "seconds"):
+        if key in runs[0][0]:
+            vals = [m[key] for m, _ in runs]
+            out[f"train_{key}"] = {"mean": float(np.mean(vals)), "per_seed": vals}
+    return out
+
+
+def settings(p: Params, arm: str) -> dict:
+    s, cfg = p.synthetic, synthetic_run_config(p, arm, 0)
+    out = {
+        "train": asdict(s.train),
+        "steps": s.train.steps,
+        "seeds": list(s.seeds),
+        "hierarchies": [asdict(h) for h in s.hierarchies],
+        **{k: v for k, v in asdict(s).items() if k not in ("train", "seeds", "hierarchies")},
+        "uses_ortho": cfg.uses_ortho,
+        "sae_lens_version": version("sae-lens"),
+        "threads_per_run": 1,  # torch and numba (single_thread)
+    }
+    if cfg.uses_ortho:
+        out |= {
+            "tau": cfg.tau,
+            "topk_fraction": cfg.topk_fraction,
+            "tau_schedule": cfg.tau_schedule,
+            "ortho": asdict(cfg.ortho),
+            "pair_budget": pair_budget(s.train.d_sae, cfg.topk_fraction),
+        }
+    return out
+
+
+def run_arm(p: Params, arm: str, out_dir: Path, ckpt_root: Path, workers: int = 1, progress_bar: bool = True) -> dict:
+    """Train and evaluate one arm on every hierarchy and seed, `workers` runs at a time (results do
+    not depend on it: every run is single-threaded with its own RNG streams). Writes, atomically as
+    one directory, `out_dir/<hierarchy>/seed_<s>/` (the SAE, the ortho arm's pairs.parquet,
+    matching.json: matched latents and per-pair figures); returns metrics/synthetic/<arm>.json."""
+    s = p.synthetic
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    jobs = [(p, arm, h, seed, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}")
+            for h in s.hierarchies for seed in s.seeds]  # fmt: skip
+    result: dict = {"arm": arm, "settings": {**settings(p, arm), "workers": workers}, "hierarchies": {}}
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), desc=f"synthetic {arm}", unit="run", disable=not progress_bar)
+    if workers <= 1:
+        runs = []
+        with single_thread():
+            for job in jobs:
+                runs.append(_one_run(*job))
+                bar.update(1)
+    else:
+        # spawn: a forked child would inherit torch's and numba's thread pools in an unknown state.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_single_thread_worker) as pool:
+            futures = [pool.submit(_one_run, *job) for job in jobs]
+            for _ in as_completed(futures):
+                bar.update(1)
+            runs = [f.result() for f in futures]
+    bar.close()
+    for h in s.hierarchies:
+        mine = [run for job, run in zip(jobs, runs, strict=True) if job[2] == h]
+        result["hierarchies"][h.name] = aggregate(h, mine[0][2], [(m, ev) for m, ev, _ in mine], s)
+    result["seconds"] = time.perf_counter() - t0
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    return _clean(result)
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One torch and one numba thread: at d_sae ~200 threads only add synchronisation (on the
+    shared 2-core machine a contended thread stalls every step), and a fixed count keeps the
+    floating-point results independent of the machine."""
+    import numba
+
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        numba.set_num_threads(numba_threads)
+
+
+def _single_thread_worker() -> None:
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+
+
+_MODELS: dict = {}  # per process: (synthetic params, hierarchy) -> (model, source, pairs)
+
+
+def _one_run(
+    p: Params, arm: str, h: SyntheticHierarchy, seed: int, run_dir: Path, ckpt_dir: Path
+) -> tuple[dict, dict, np.ndarray]:
+    """Train one SAE, evaluate it, write its matching.json; (training metrics, evaluation, pairs)."""
+    s = p.synthetic
+    if (s, h) not in _MODELS:
+        model = build_model(s, h)
+        _MODELS[(s, h)] = (model, SyntheticSource.create(model), parent_child_pairs(model))
+    model, source, pairs = _MODELS[(s, h)]
+    metrics = train(synthetic_run_config(p, arm, seed), source, run_dir, ckpt_dir, progress_bar=False)
+    ev = evaluate(SAE.load(run_dir), model, pairs, s)
+    matching = {
+        "feature_latent": ev["matched"],
+        "pairs": pairs,
+        "parent_latents": ev["matched"][pairs[:, 0]],
+        "child_latents": ev["matched"][pairs[:, 1]],
+        "per_pair": ev["per_pair"],
+    }
+    (run_dir / "matching.json").write_text(json.dumps(_clean(matching)) + "\n")
+    if (run_dir / "pairs.parquet").exists():  # ortho arms: what the penalty acted on, late in training
+        import pyarrow.parquet as pq
+
+        kept = pq.read_table(run_dir / "pairs.parquet").to_pandas()
+        late = kept[kept.step >= 0.8 * kept.step.max()]
+        metrics["kept_pairs_last20pct"] = kept_pair_kinds(late.i.to_numpy(), late.j.to_numpy(), ev["matched"], pairs)
+    return metrics, ev, pairs

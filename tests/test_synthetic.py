@@ -1,0 +1,246 @@
+"""Ground-truth absorption on SAELens's synthetic model: known answers, training end to end, the
+trainer's batch source (the LM path unchanged), parameters."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from sae_ortho import synthetic as syn
+from sae_ortho import synthetic_arms as arms
+from sae_ortho.data import shuffled_batches
+from sae_ortho.params import ParamError, Params, SyntheticHierarchy, SyntheticParams, TrainParams, load
+from sae_ortho.sae import SAE, SAEConfig
+from sae_ortho.shards import ActivationShards, write_manifest, write_shard
+from sae_ortho.train import RunConfig, Trainer, geometric_median, train
+from tests.conftest import REPO, stage_env
+
+FLAT = SyntheticHierarchy("flat", total_root_nodes=4, branching_factor=3, max_depth=1, num_features=24)
+DEEP = SyntheticHierarchy("deep", total_root_nodes=2, branching_factor=2, max_depth=2, num_features=24)
+TINY_TRAIN = TrainParams(
+    d_sae=24, k=4, lr=0.01, warmup_steps=5, batch_size=256, train_tokens=256 * 200,
+    aux_k=8, dead_tokens=5000, log_every=5, checkpoint_every=1000,
+)  # fmt: skip
+# hidden_dim >= num_features, so the true directions are linearly independent and have an exact dual.
+TINY = SyntheticParams(
+    hidden_dim=32, model_seed=100, hierarchies=(FLAT,), seeds=(0,), train=TINY_TRAIN, eval_samples=4000, bootstrap=200
+)
+
+
+@pytest.fixture(scope="module", params=[FLAT, DEEP], ids=lambda h: h.name)
+def model(request):
+    with arms.single_thread():  # SAELens orthogonalises the directions: threads only slow it down
+        return syn.build_model(TINY, request.param)
+
+
+def dual_sae(model, gate_parents: bool = False) -> SAE:
+    """ReLU SAE with the true directions as decoder and their exact dual as encoder (latent i ==
+    feature i's activation). gate_parents: built to absorb instead: a parent's latent is switched
+    off whenever one of its children fires, and each child's decoder row is child + parent."""
+    f = model.feature_dict.feature_vectors.detach()
+    n, d = f.shape
+    dual = torch.linalg.pinv(f)  # [d, n]: f @ dual == I, so (a @ f) @ dual == a
+    w_enc, w_dec = dual.clone(), f.clone()
+    if gate_parents:
+        for parent, child in syn.parent_child_pairs(model):
+            w_enc[:, parent] -= 2 * dual[:, child]  # activations are exactly 1: 1 - 2 * (children on) <= -1
+            w_dec[child] = f[child] + f[parent]
+    sae = SAE(SAEConfig(d_in=d, d_sae=n, architecture="relu"))
+    with torch.no_grad():
+        sae.W_enc.copy_(w_enc)
+        sae.W_dec.copy_(w_dec / w_dec.norm(dim=1, keepdim=True))
+        sae.b_enc.fill_(-1e-4)  # float32 round-off of the dual must not count as firing
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_sae_with_the_true_features_has_no_absorption_and_mcc_one(model):
+    pairs = syn.parent_child_pairs(model)
+    ev = syn.evaluate(dual_sae(model), model, pairs, TINY)
+    np.testing.assert_array_equal(ev["matched"], np.arange(24))
+    pp, summary = ev["per_pair"], ev["summary"]
+    assert (pp["n_child_active"] > 0).all()
+    assert np.all(pp["absorption"] == 0) and np.all(pp["absorption_control"] == 0)
+    assert np.all(pp["partial"] == 0) and np.allclose(pp["activation_ratio"], 1, atol=1e-4)
+    assert summary["mcc"] == pytest.approx(1, abs=1e-5)
+    assert summary["precision"] == pytest.approx(1) and summary["recall"] == pytest.approx(1)
+    assert summary["explained_variance"] == pytest.approx(1, abs=1e-4)
+    assert summary["l0"] == pytest.approx(summary["true_l0"], rel=1e-6)
+    assert np.abs(pp["child_parent_cos"]).max() < 0.3  # orthogonalised directions
+
+
+def test_sae_built_to_absorb_measures_absorption_one(model):
+    pairs = syn.parent_child_pairs(model)
+    ev = syn.evaluate(dual_sae(model, gate_parents=True), model, pairs, TINY)
+    pp = ev["per_pair"]
+    assert np.all(pp["absorption"] == 1) and np.all(pp["absorption_control"] == 0)
+    assert np.all(pp["parent_learned"] == 1)
+    assert np.all(pp["child_parent_cos"] > 0.6) and np.abs(pp["child_parent_cos_control"]).max() < 0.3
+    assert ev["summary"]["mcc"] < 0.99
+
+
+def test_pairs_are_the_hierarchy_edges(model):
+    pairs = syn.parent_child_pairs(model)
+    h = FLAT if model.cfg.hierarchy.max_depth == 1 else DEEP
+    assert len(pairs) == h.n_nodes - h.total_root_nodes and len(set(pairs[:, 1])) == len(pairs)
+    with syn.IsolatedRng(0).active():
+        x, a = model.sample_with_features(2000)
+    assert ((a[:, pairs[:, 1]] > 0) <= (a[:, pairs[:, 0]] > 0)).all()  # a child fires only with its parent
+
+
+def test_synthetic_stream_is_deterministic_and_leaves_the_global_rng_alone(model):
+    source = syn.SyntheticSource.create(model)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = [next(source.stream(64, 3)) for _ in range(1)] + list(_take(source.stream(64, 3), 3))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(10)  # other use of the global RNG in between does not change the stream
+    b = [next(source.stream(64, 3))] + list(_take(source.stream(64, 3), 3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[1], a[2]) and a[0].shape == (64, 32) and a[0].dtype == torch.float32
+
+
+def _take(it, n):
+    for _ in range(n):
+        yield next(it)
+
+
+def test_bootstrap_ci_covers_the_mean_and_shrinks_with_pairs():
+    rng = np.random.default_rng(0)
+    few, many = rng.uniform(size=(3, 10)), rng.uniform(size=(3, 1000))
+    lo, hi = syn.bootstrap_ci(few, 500)
+    assert lo < few.mean() < hi
+    lo2, hi2 = syn.bootstrap_ci(many, 500)
+    assert hi2 - lo2 < (hi - lo) / 3
+    assert syn.bootstrap_ci(np.full((2, 5), 0.4), 200) == pytest.approx([0.4, 0.4])
+
+
+def test_kept_pair_kinds():
+    pairs = np.array([[0, 2], [0, 3], [1, 4]])  # features 0, 1 parents; 2, 3 children of 0
+    matched = np.array([5, 6, 7, 8, 9])  # feature f -> latent f + 5; latents 0..4 match nothing
+    kinds = syn.kept_pair_kinds(np.array([5, 7, 5, 0]), np.array([7, 8, 6, 7]), matched, pairs)
+    assert kinds == {"parent_child": 0.25, "siblings": 0.25, "other_tree": 0.25, "other": 0.25}
+
+
+def test_train_and_evaluate_an_arm_end_to_end(tmp_path):
+    """Both arms through the real Trainer (orthogonality loss included) on streamed synthetic batches."""
+    p = Params(synthetic=TINY, tau=1.0, topk_fraction=0.01)
+    ortho = arms.run_arm(p, "ortho", tmp_path / "ortho", tmp_path / ".ckpt", progress_bar=False)
+    h = ortho["hierarchies"]["flat"]
+    model = syn.build_model(TINY, FLAT)
+    untrained = syn.evaluate(SAE(SAEConfig(32, 24, "topk", k=4), seed=0), model, syn.parent_child_pairs(model), TINY)
+    assert h["mcc"]["mean"] > max(0.85, untrained["summary"]["mcc"] + 0.3), (h["mcc"], untrained["summary"]["mcc"])
+    assert h["explained_variance"]["mean"] > 0.8 and 1 < h["l0"]["mean"] <= 4  # TopK k=4; ReLU clips the rest
+    for key in ("absorption", "absorption_control", "child_parent_cos", "partial"):
+        assert all(np.isfinite(v) for v in [h[key]["mean"], *h[key]["ci95"], *h[key]["per_seed"]]), key
+        assert h[key]["ci95"][0] <= h[key]["mean"] <= h[key]["ci95"][1]
+    assert sum(v["mean"] for v in h["kept_pairs_last20pct"].values()) == pytest.approx(1, abs=1e-4)
+    settings = ortho["settings"]
+    assert settings["pair_budget"] == 3 and settings["tau"] == 1.0 and settings["train"]["d_sae"] == 24
+    run = tmp_path / "ortho" / "flat" / "seed_0"
+    assert (run / "pairs.parquet").exists() and SAE.load(run).cfg.d_sae == 24
+    matching = json.loads((run / "matching.json").read_text())
+    assert len(matching["parent_latents"]) == len(matching["pairs"]) == 12
+    assert not (tmp_path / ".ckpt").exists() and not (tmp_path / ".ortho.tmp").exists()
+
+    # The baseline ignores tau (its stage does not declare it) and trains on the same batches.
+    base = arms.run_arm(replace(p, tau=0.5), "baseline", tmp_path / "base", tmp_path / ".ckpt", progress_bar=False)
+    again = arms.run_arm(p, "baseline", tmp_path / "base2", tmp_path / ".ckpt", workers=2, progress_bar=False)
+    assert "tau" not in base["settings"] and not (tmp_path / "base" / "flat" / "seed_0" / "pairs.parquet").exists()
+    for result in (base, again):
+        result.pop("seconds"), result["settings"].pop("workers")
+        for hier in result["hierarchies"].values():
+            hier.pop("train_seconds")
+    assert base == again  # deterministic, also over two worker processes
+    assert not torch.equal(SAE.load(tmp_path / "base/flat/seed_0").W_dec, SAE.load(run).W_dec)
+
+
+# --- the trainer's batch source: the LM path draws exactly what it drew before -------------------
+
+
+@pytest.fixture(scope="module")
+def fake_shards(tmp_path_factory) -> ActivationShards:
+    root = tmp_path_factory.mktemp("shards")
+    gen = torch.Generator().manual_seed(0)
+    infos = []
+    for i in range(3):
+        acts = (torch.randn(700, 16, generator=gen) * 3).half()
+        index = {"context_id": np.arange(700) // 10, "position": np.arange(700) % 10}
+        infos.append(write_shard(root, i, acts, index, first_context=70 * i, n_contexts=70))
+    write_manifest(root, {"d_in": 16, "model": "m", "hook_name": "h", "fingerprint": "f"}, infos)
+    return ActivationShards(root)
+
+
+def test_shard_source_draws_the_legacy_batches_and_median_sample(fake_shards, tmp_path):
+    """The LM path through BatchSource == the code before it: same batches, same b_dec
+    initialisation, same first step (the real-shard default SAEs were also checked bit-identical)."""
+    t = replace(TINY_TRAIN, d_sae=32, batch_size=128, train_tokens=128 * 6, buffer_shards=2, checkpoint_every=1)
+    cfg = RunConfig(t, seed=4, tau=0.1)
+    trainer = Trainer(cfg, fake_shards)
+    legacy = shuffled_batches(fake_shards, 128, 4, 2)
+    for _ in range(12):  # beyond one epoch (2100 rows)
+        assert torch.equal(next(trainer.batches), next(legacy))
+    scale = 16**0.5 / fake_shards.manifest["norm"]["mean"]
+    assert trainer.sae.cfg.input_scale == scale
+    # train()'s first step, replayed the legacy way: median of shuffled_batches(shards, 8192, seed + 1, 1).
+    reference = Trainer(cfg, fake_shards)
+    with torch.no_grad():
+        reference.sae.b_dec.copy_(geometric_median(next(shuffled_batches(fake_shards, 8192, 5, 1)) * scale))
+    reference.train_step(next(shuffled_batches(fake_shards, 128, 4, 2)))
+    train(cfg, fake_shards, tmp_path / "sae", tmp_path / ".ckpt", progress_bar=False, max_steps=1)
+    state = torch.load(tmp_path / ".ckpt" / "ckpt.pt", weights_only=False)["sae"]
+    for name, value in reference.sae.state_dict().items():
+        assert torch.equal(state[name], value), name
+
+
+# --- parameters ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"synthetic": {"train": {"d_sae": 100, "k": 8}}}, "synthetic.hierarchies[0].num_features"),
+        ({"synthetic": {"train": {"d_sae": 200, "k": 300}}}, "synthetic.train.k"),
+        (
+            {"synthetic": {"hierarchies": [{"name": "a", "total_root_nodes": 50, "branching_factor": 4}]}},
+            "synthetic.hierarchies[0].num_features",
+        ),
+        ({"synthetic": {"hierarchies": [{"name": "a"}, {"name": "a"}]}}, "synthetic.hierarchies"),
+        ({"synthetic": {"hierarchies": [{"name": "a", "depth": 2}]}}, "synthetic.hierarchies[0].depth"),
+        ({"synthetic": {"seeds": [1, 1]}}, "synthetic.seeds"),
+        ({"synthetic": {"model_seed": 0, "seeds": [0, 1]}}, "synthetic.model_seed"),
+        ({"synthetic": {"firing_min_prob": 0.3}}, "synthetic.firing_min_prob"),
+    ],
+)  # fmt: skip
+def test_bad_synthetic_params(tmp_path, raw, key):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamError, match="^" + re.escape(key) + ":"):
+        load(tmp_path / "params.yaml")
+
+
+def test_synthetic_stage_fails_before_work_on_bad_params(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"synthetic": {"seeds": []}}))
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.synthetic", "--arm", "ortho"],
+        cwd=tmp_path, env=stage_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: params.yaml: synthetic.seeds: needs at least one seed"
+    assert not (tmp_path / "models").exists()
+
+
+def test_baseline_stage_does_not_declare_the_ortho_keys():
+    """So `dvc exp run -S tau=...` reruns synthetic_ortho only."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    ortho_keys = {"tau", "topk_fraction", "tau_schedule", "ortho"}
+    assert not ortho_keys & set(stages["synthetic_baseline"]["params"])
+    assert ortho_keys <= set(stages["synthetic_ortho"]["params"])
+    assert not any("data/" in d for s in ("synthetic_baseline", "synthetic_ortho") for d in stages[s]["deps"])
