@@ -81,9 +81,9 @@ class TrainParams:
 
     architecture: Literal["relu", "topk"] = "topk"
     d_sae: int = 4608
-    k: int = 32  # active latents per token (topk)
+    k: int = 12  # active latents per token (topk)
     l1_coeff: float = 1.0  # relu: weight of sum_i f_i ||w_i||, relative to the per-element MSE
-    lr: float = 4e-4
+    lr: float = 2e-3
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # lr decays linearly to 0 over this last fraction of steps
     batch_size: int = 1024
@@ -204,6 +204,152 @@ class ProbingParams:
 
 
 @dataclass(frozen=True)
+class LettersParams:
+    """First-letter absorption, LLM side (stage `letter_cache`): vocabulary sample, letter probe, prompts."""
+
+    n_words: int = 2000  # vocabulary sample (SAEBench: all ~47k single-token alphabetic words)
+    min_words_per_letter: int = 20  # rare letters (x, z, q) get at least this many (or all they have)
+    seeds: tuple[int, ...] = (0, 1)  # each draws its own sample, split and prompts: >= 2 measure reseed noise
+    prompt_template: str = "{word} has the first letter:"  # SAEBench's
+    prompt_token_pos: int = -6  # the word's position in that template (checked on every prompt)
+    max_icl_examples: int = 10  # in-context examples per prompt (SAEBench: 10)
+    batch_size: int = 32  # prompts per forward pass
+    probe_epochs: int = 50  # SAEBench's letter probe: 50 epochs, lr 1e-2, batch 64
+    probe_lr: float = 0.01
+    probe_batch_size: int = 64
+
+    def validate(self, prefix: str = "letters") -> None:
+        _check(self.n_words >= 52, f"{prefix}.n_words", "must be >= 52 (two words per letter)")
+        _check(self.min_words_per_letter >= 5, f"{prefix}.min_words_per_letter", "must be >= 5 (train and test words)")
+        _check(len(self.seeds) >= 1, f"{prefix}.seeds", "needs at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), f"{prefix}.seeds", f"must be distinct, got {self.seeds}")
+        _check("{word}" in self.prompt_template, f"{prefix}.prompt_template", "must contain {word}")
+        _check(self.prompt_token_pos < 0, f"{prefix}.prompt_token_pos", "must be negative (from the end)")
+        _check(self.max_icl_examples >= 0, f"{prefix}.max_icl_examples", "must be >= 0")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.probe_epochs >= 1, f"{prefix}.probe_epochs", "must be >= 1")
+        _check(self.probe_lr > 0, f"{prefix}.probe_lr", "must be > 0")
+        _check(self.probe_batch_size >= 1, f"{prefix}.probe_batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AbsorptionParams:
+    """First-letter absorption, SAE side (stage `absorption@<sae>`): SAEBench's settings unless noted."""
+
+    max_k: int = 10  # k-sparse probes k = 1..max_k (feature splitting)
+    f1_jump_threshold: float = 0.03  # a k whose F1 rises by this over k-1 counts as a split feature
+    probe_f1_gate: float = 0.6  # letters whose LLM probe F1 is at most this are left out (SAEBench min_GT_probe_f1)
+    latent_f1_gate: float = 0.6  # a letter is "carried" when its best single latent (k=1) has F1 above this
+    min_carried_letters: int = 10  # fewer carried letters: the absorption figure is marked not meaningful
+    k_sparse_l1: float = 0.01
+    k_sparse_epochs: int = 50
+    # SAEBench's 4096 suits its ~37k training words (~9 steps an epoch); on a 2k-word sample it would
+    # leave the L1 probe that picks each letter's latents with one Adam step per epoch.
+    k_sparse_batch_size: int = 128
+    bootstrap: int = 1000  # resamples of letters for the confidence intervals
+
+    def validate(self, prefix: str = "absorption") -> None:
+        _check(self.max_k >= 1, f"{prefix}.max_k", "must be >= 1")
+        _check(self.f1_jump_threshold >= 0, f"{prefix}.f1_jump_threshold", "must be >= 0")
+        _check(0 <= self.probe_f1_gate < 1, f"{prefix}.probe_f1_gate", "must be in [0, 1)")
+        _check(0 <= self.latent_f1_gate < 1, f"{prefix}.latent_f1_gate", "must be in [0, 1)")
+        _check(1 <= self.min_carried_letters <= 26, f"{prefix}.min_carried_letters", "must be in 1..26")
+        _check(self.k_sparse_l1 >= 0, f"{prefix}.k_sparse_l1", "must be >= 0")
+        _check(self.k_sparse_epochs >= 1, f"{prefix}.k_sparse_epochs", "must be >= 1")
+        _check(self.k_sparse_batch_size >= 1, f"{prefix}.k_sparse_batch_size", "must be >= 1")
+        _check(self.bootstrap >= 100, f"{prefix}.bootstrap", "must be >= 100")
+
+
+@dataclass(frozen=True)
+class SyntheticHierarchy:
+    """One hierarchy of SAELens's synthetic model: `total_root_nodes` trees, `branching_factor`
+    children per node, `max_depth` levels below the roots. Features 0.. are the tree nodes
+    (breadth-first, so parents get the highest Zipfian firing probabilities), the rest fire
+    independently."""
+
+    name: str
+    total_root_nodes: int = 20
+    branching_factor: int = 4
+    max_depth: int = 1
+    num_features: int = 200
+
+    @property
+    def n_nodes(self) -> int:
+        return self.total_root_nodes * sum(self.branching_factor**d for d in range(self.max_depth + 1))
+
+
+def _synthetic_train() -> TrainParams:
+    # Same keys and meaning as the LM's `train` section (train_tokens counts synthetic samples).
+    return TrainParams(
+        d_sae=200, k=8, lr=0.01, warmup_steps=20, batch_size=1024, train_tokens=1_000_000, buffer_shards=1,
+        aux_k=32, dead_tokens=50_000, log_every=10, checkpoint_every=200,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """Ground-truth absorption on SAELens's synthetic model (stages `synthetic_<arm>`)."""
+
+    hidden_dim: int = 128
+    firing_exponent: float = 0.5  # Zipfian firing probabilities (background.md section 6)
+    firing_max_prob: float = 0.25
+    firing_min_prob: float = 0.02
+    orthogonalization_steps: int = 100  # SAELens's orthogonalisation of the true directions
+    model_seed: int = 100
+    hierarchies: tuple[SyntheticHierarchy, ...] = (
+        SyntheticHierarchy("h20x4"),
+        SyntheticHierarchy("h10x3x3", total_root_nodes=10, branching_factor=3, max_depth=2),
+    )
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds (SAE init and sample stream)
+    train: TrainParams = field(default_factory=_synthetic_train)
+    eval_samples: int = 100_000
+    eval_seed: int = 1000
+    bootstrap: int = 1000  # resamples of parent/child pairs for the confidence intervals
+
+    def validate(self, prefix: str = "synthetic") -> None:
+        _check(self.hidden_dim >= 2, f"{prefix}.hidden_dim", "must be >= 2")
+        _check(self.firing_exponent > 0, f"{prefix}.firing_exponent", "must be > 0")
+        _check(
+            0 < self.firing_min_prob < self.firing_max_prob <= 1,
+            f"{prefix}.firing_min_prob",
+            f"need 0 < firing_min_prob < firing_max_prob <= 1, got {self.firing_min_prob}, {self.firing_max_prob}",
+        )
+        _check(self.orthogonalization_steps >= 0, f"{prefix}.orthogonalization_steps", "must be >= 0")
+        _check(len(self.hierarchies) >= 1, f"{prefix}.hierarchies", "needs at least one hierarchy")
+        names = [h.name for h in self.hierarchies]
+        _check(len(set(names)) == len(names), f"{prefix}.hierarchies", f"names must be distinct, got {names}")
+        for n, h in enumerate(self.hierarchies):
+            where = f"{prefix}.hierarchies[{n}]"
+            _check(h.name.isidentifier(), f"{where}.name", f"must be an identifier, got {h.name!r}")
+            _check(h.total_root_nodes >= 1, f"{where}.total_root_nodes", "must be >= 1")
+            _check(h.branching_factor >= 2, f"{where}.branching_factor", "must be >= 2")
+            _check(h.max_depth >= 1, f"{where}.max_depth", "must be >= 1")
+            _check(
+                h.n_nodes <= h.num_features,
+                f"{where}.num_features",
+                f"the hierarchy has {h.n_nodes} nodes, more than num_features ({h.num_features})",
+            )
+            # Hungarian matching gives every true feature its own latent only if there are enough.
+            _check(
+                h.num_features <= self.train.d_sae,
+                f"{where}.num_features",
+                f"must be <= {prefix}.train.d_sae ({self.train.d_sae}), got {h.num_features}",
+            )
+        _check(len(self.seeds) >= 1, f"{prefix}.seeds", "needs at least one seed")
+        _check(len(set(self.seeds)) == len(self.seeds), f"{prefix}.seeds", f"must be distinct, got {self.seeds}")
+        # SAE(seed=s) draws its initial decoder as randn(d_sae, d_in) from seed s, exactly as SAELens
+        # draws the true directions from model_seed: equal seeds would start the SAE at the answer.
+        _check(
+            self.model_seed not in self.seeds,
+            f"{prefix}.model_seed",
+            f"must differ from every training seed ({list(self.seeds)}): the SAE would start at the true features",
+        )
+        self.train.validate(f"{prefix}.train")
+        _check(self.eval_samples >= 1000, f"{prefix}.eval_samples", "must be >= 1000")
+        _check(self.bootstrap >= 100, f"{prefix}.bootstrap", "must be >= 100")
+
+
+@dataclass(frozen=True)
 class Params:
     model: str = "smollm2-135m"
     layer: int = 6
@@ -222,6 +368,9 @@ class Params:
     heldout: HeldoutParams = field(default_factory=HeldoutParams)
     core: CoreParams = field(default_factory=CoreParams)
     probing: ProbingParams = field(default_factory=ProbingParams)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    letters: LettersParams = field(default_factory=LettersParams)
+    absorption: AbsorptionParams = field(default_factory=AbsorptionParams)
 
     @property
     def hook_name(self) -> str:
@@ -274,6 +423,9 @@ class Params:
         self.heldout.validate()
         self.core.validate()
         self.probing.validate()
+        self.synthetic.validate()
+        self.letters.validate()
+        self.absorption.validate()
         _check(len(self.probing.k_values) >= 1, "probing.k_values", "needs at least one k")
         # The corpus stage keeps classes with at least data.probe_min_*; probing then takes exactly
         # probing.*_per_class of each, so the first must cover the second.

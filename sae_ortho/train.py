@@ -10,7 +10,8 @@ on them and never reruns when they change. Per step:
 then the decoder gradient's component along each row is removed, Adam steps, and rows are
 renormalised to unit L2 norm. Checkpoints every `checkpoint_every` steps in `models/.ckpt_<name>/`
 let a killed run resume where it stopped; a non-finite loss stops with the step number and keeps
-the last good checkpoint.
+the last good checkpoint. Batches come from a `BatchSource`: the extraction shards by default,
+or any stream of [batch, d_in] tensors (the synthetic stage, sae_ortho/synthetic.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -99,15 +102,62 @@ def geometric_median(x: torch.Tensor, iters: int = 20) -> torch.Tensor:
     return median
 
 
+class BatchSource(Protocol):
+    """Where training batches come from. The LM path wraps the extraction shards (ShardSource);
+    the synthetic stage streams batches from SAELens's SyntheticModel with no shards at all."""
+
+    d_in: int
+    norm_mean: float  # mean L2 norm of the raw inputs: sets input_scale (normalize_inputs)
+    fingerprint: str  # identifies the data, so a checkpoint never resumes on other data
+
+    def stream(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+        """Endless float32 [batch_size, d_in] batches, deterministic given seed."""
+        ...
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        """n rows for the b_dec (geometric median) initialisation."""
+        ...
+
+
+@dataclass
+class ShardSource:
+    """The extraction shards as a BatchSource: exactly the batches the trainer always drew."""
+
+    shards: ActivationShards
+    buffer_shards: int
+
+    @property
+    def d_in(self) -> int:
+        return self.shards.d_in
+
+    @property
+    def norm_mean(self) -> float:
+        return self.shards.manifest["norm"]["mean"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.shards.manifest.get("fingerprint", "")
+
+    def stream(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+        return shuffled_batches(self.shards, batch_size, seed, self.buffer_shards)
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        return next(shuffled_batches(self.shards, n, seed, 1))
+
+
+def as_source(data: ActivationShards | BatchSource, t: params_mod.TrainParams) -> BatchSource:
+    return ShardSource(data, t.buffer_shards) if isinstance(data, ActivationShards) else data
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, shards: ActivationShards, model_name: str = "", hook_name: str = ""):
+    def __init__(self, cfg: RunConfig, data: ActivationShards | BatchSource, model_name: str = "", hook_name: str = ""):
         self.cfg = cfg
         t = cfg.train
         torch.manual_seed(cfg.seed)
-        norm_mean = shards.manifest["norm"]["mean"]
-        scale = math.sqrt(shards.d_in) / norm_mean if t.normalize_inputs else 1.0
+        self.source = as_source(data, t)
+        scale = math.sqrt(self.source.d_in) / self.source.norm_mean if t.normalize_inputs else 1.0
         sae_cfg = SAEConfig(
-            d_in=shards.d_in,
+            d_in=self.source.d_in,
             d_sae=t.d_sae,
             architecture=t.architecture,
             k=t.k,
@@ -116,7 +166,7 @@ class Trainer:
             hook_name=hook_name,
         )
         self.sae = SAE(sae_cfg, seed=cfg.seed)
-        self.batches = shuffled_batches(shards, t.batch_size, cfg.seed, t.buffer_shards)
+        self.batches = self.source.stream(t.batch_size, cfg.seed)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=(0.9, 0.999))
         self.tau = TauSchedule(cfg.tau, cfg.tau_schedule, cfg.ortho.target, cfg.ortho.tau_lr)
         self.step = 0
@@ -172,6 +222,9 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, sparse: bool | None = None) -> dict[str, float]:
         t, sae = self.cfg.train, self.sae
+        # The penalty's own share of the step (selection, loss, gradient) is timed around its calls:
+        # whole-run time differences swing by +-10% on a shared machine (absorption efficiency).
+        step_start, penalty_s = time.perf_counter(), 0.0
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t)
         xs = x * sae.cfg.input_scale
@@ -195,9 +248,11 @@ class Trainer:
             parts["auxk"] = aux.item()
         tau = self.tau.tau
         if self.cfg.uses_ortho:
+            t0 = time.perf_counter()
             pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, t.d_sae, self.cfg.topk_fraction)
             # Its gradient is added in place after backward (add_ortho_grad_), not through autograd.
             ortho, mean_abs_cos, cos = ortho_terms(sae.W_dec, pairs)
+            penalty_s += time.perf_counter() - t0
             parts.update(ortho=ortho, mean_abs_cos=mean_abs_cos, n_pairs=len(pairs))
             if self.step % self.cfg.ortho.log_pairs_every == 0:
                 ranked = pairs.ranked()
@@ -216,7 +271,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.uses_ortho and tau > 0:
+            t0 = time.perf_counter()
             add_ortho_grad_(sae.W_dec.grad, sae.W_dec, pairs.i, pairs.j, cos, tau)
+            penalty_s += time.perf_counter() - t0
         sae.remove_parallel_grad()
         self.opt.step()
         sae.normalize_decoder()
@@ -232,6 +289,8 @@ class Trainer:
             "l0": active.sum().item() / len(x),
             "fvu": fvu.item(),
             "dead_fraction": dead.float().mean().item(),
+            "step_seconds": time.perf_counter() - step_start,
+            "penalty_seconds": penalty_s,
         }
         self.step += 1
         return stats
@@ -272,6 +331,23 @@ class Trainer:
         return True
 
 
+def penalty_overhead(times: np.ndarray, n_boot: int = 1000) -> dict:
+    """The penalty's time over the rest of the step (selection + loss + gradient, timed around the
+    calls), with a 95% interval from resampling steps. `times` is [steps, (step_s, penalty_s)]."""
+    if len(times) == 0:
+        return {}
+    total, penalty = times[:, 0], times[:, 1]
+    overhead = penalty.sum() / max((total - penalty).sum(), 1e-12)
+    idx = np.random.default_rng(0).integers(0, len(times), (n_boot, len(times)))
+    boots = penalty[idx].sum(1) / np.maximum((total - penalty)[idx].sum(1), 1e-12)
+    return {
+        "step_seconds_mean": round(float(total.mean()), 5),
+        "penalty_seconds_mean": round(float(penalty.mean()), 6),
+        "penalty_overhead": round(float(overhead), 5),
+        "penalty_overhead_ci95": [round(float(q), 5) for q in np.quantile(boots, [0.025, 0.975])],
+    }
+
+
 def log_live(live, stats: dict[str, float]) -> None:
     """One dvclive step: every loss part, L0, FVU, dead fraction, tau_t, mean |cos| of kept pairs."""
     if live is None:
@@ -285,7 +361,7 @@ def log_live(live, stats: dict[str, float]) -> None:
 
 def train(
     cfg: RunConfig,
-    shards: ActivationShards,
+    data: ActivationShards | BatchSource,
     out_dir: Path,
     ckpt_dir: Path,
     model_name: str = "",
@@ -295,21 +371,22 @@ def train(
     max_steps: int | None = None,
 ) -> dict:
     """Train, checkpointing as it goes; write the SAE (ours + SAELens files) and the pair log."""
-    trainer = Trainer(cfg, shards, model_name, hook_name)
-    fp = cfg.fingerprint(shards.manifest.get("fingerprint", ""))
+    trainer = Trainer(cfg, data, model_name, hook_name)
+    fp = cfg.fingerprint(trainer.source.fingerprint)
     resumed = trainer.load_checkpoint(ckpt_dir, fp)
     if resumed:
         print(f"resuming from checkpoint at step {trainer.step}", file=sys.stderr)
         for stats in trainer.history:  # the live log restarts empty: replay what the checkpoint holds
             log_live(live, stats)
     else:
-        sample = next(shuffled_batches(shards, 8192, cfg.seed + 1, 1))
+        sample = trainer.source.sample(8192, cfg.seed + 1)
         with torch.no_grad():
             trainer.sae.b_dec.copy_(geometric_median(sample * trainer.sae.cfg.input_scale))
     t = cfg.train
     total = t.steps if max_steps is None else min(t.steps, max_steps)
     bar = tqdm(total=t.steps, initial=trainer.step, unit="step", disable=not progress_bar)
     t0, step0 = time.perf_counter(), trainer.step
+    step_times: list[tuple[float, float]] = []  # (step, penalty) seconds of this process's steps
     while trainer.step < total:
         x = next(trainer.batches)
         try:
@@ -317,6 +394,7 @@ def train(
         except NonFiniteLoss:
             trainer.save_checkpoint(ckpt_dir / "last_good", fp)  # state before the failing step
             raise
+        step_times.append((stats["step_seconds"], stats["penalty_seconds"]))
         if stats["step"] % t.log_every == 0 or trainer.step == t.steps:
             trainer.history.append(stats)
             log_live(live, stats)
@@ -348,4 +426,5 @@ def train(
         "resumed": resumed,
         "input_scale": round(trainer.sae.cfg.input_scale, 6),
         "seconds": round(elapsed, 1),  # training loop of this run (a resumed run counts its own part)
+        **penalty_overhead(np.array(step_times)),
     }

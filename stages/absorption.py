@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--dir", required=True, type=Path, help="SAE directory written by a training stage")
     args = parser.parse_args()
     p = params_mod.load_or_exit()
+    # sklearn warns on every letter whose k-sparse probe predicts no positive (F1 is then 0, as SAEBench counts it).
+    warnings.filterwarnings("ignore", message=".*ill-defined.*")
     if "OMP_NUM_THREADS" not in os.environ:  # the machine is shared: 2 threads unless told otherwise
         torch.set_num_threads(2)
     t0 = time.perf_counter()

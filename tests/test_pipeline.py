@@ -37,6 +37,16 @@ TINY = {
     "heldout": {"n_tokens": 310, "batch_size": 5},
     "core": {"pair_batch_size": 128, "pair_fraction": 0.01},
     "probing": {"train_per_class": 30, "test_per_class": 15, "context_len": 32, "k_values": [1, 5]},
+    "letters": {"n_words": 60, "min_words_per_letter": 5, "seeds": [0], "batch_size": 16},
+    "absorption": {"max_k": 3, "bootstrap": 100},
+    "synthetic": {
+        "hidden_dim": 32,
+        "hierarchies": [{"name": "t", "total_root_nodes": 4, "branching_factor": 3, "num_features": 24}],
+        "seeds": [0],
+        "train": {"d_sae": 24, "k": 4, "lr": 0.01, "batch_size": 256, "train_tokens": 256 * 50, "aux_k": 8},
+        "eval_samples": 2000,
+        "bootstrap": 100,
+    },
 }
 
 
@@ -95,6 +105,17 @@ def test_dvc_repro_end_to_end(repo_copy):
         probing = json.loads((repo_copy / f"metrics/sparse_probing/{name}.json").read_text())
         sae = probing["eval_result_metrics"]["sae"]
         assert 0.5 < sae["sae_top_5_test_accuracy"] <= 1, sae
+    for arm in ("baseline", "ortho"):
+        synthetic = json.loads((repo_copy / f"metrics/synthetic/{arm}.json").read_text())
+        assert 0 < synthetic["hierarchies"]["t"]["mcc"]["mean"] <= 1
+    for name in ("baseline", "ortho"):
+        absorption = json.loads((repo_copy / f"metrics/absorption/{name}.json").read_text())
+        assert absorption["meaningful"] == (absorption["letters_carried_by_one_latent"] >= 10)
+        assert len(absorption["per_seed"][0]["per_letter"]) == 26
+    efficiency = json.loads((repo_copy / "metrics/efficiency/ortho.json").read_text())
+    assert {"fvu_increase", "ce_recovered_decrease", "training_overhead"} <= set(efficiency["costs"])
+    assert efficiency["costs"]["training_overhead"]["value"] > 0  # the ortho arm's penalty is timed
+    assert "synthetic.t.absorption" in efficiency["reductions"]
     heldout = json.loads((repo_copy / "data/heldout/manifest.json").read_text())
     assert heldout["doc_split"]["heldout_docs"][0] > heldout["doc_split"]["training_stream_docs"][1]
 
@@ -104,20 +125,22 @@ def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
     params["tau"] = params["tau"] + 0.05
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
-    assert set(status) == {"train"}, status  # its evaluations rerun because models/ortho changes
-    assert reproduced(repo_copy) == ["core@ortho", "probing@ortho", "train"]
+    assert set(status) == {"train", "synthetic_ortho"}, status  # its evaluations rerun: models/ortho changes
+    # efficiency@ortho reruns because its inputs' `seconds` fields changed, never the baseline's stages.
+    expected = ["absorption@ortho", "core@ortho", "efficiency@ortho", "probing@ortho", "synthetic_ortho", "train"]
+    assert reproduced(repo_copy) == expected
     ortho = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
     assert ortho["tau"] == pytest.approx(params["tau"])
 
 
 def test_editing_one_sae_entry_reruns_exactly_its_evaluations(repo_copy):
     """foreach values live in cmd, so DVC tracks them: pointing `saes.ortho` at another directory
-    reruns core@ortho and probing@ortho, nothing else (and nothing of the baseline)."""
+    reruns that entry's evaluations, nothing else (and nothing of the baseline)."""
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     shutil.copytree(repo_copy / "models/ortho", repo_copy / "ortho_copy")
     params["saes"]["ortho"] = "ortho_copy"
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert reproduced(repo_copy) == ["core@ortho", "probing@ortho"]
+    assert reproduced(repo_copy) == ["absorption@ortho", "core@ortho", "efficiency@ortho", "probing@ortho"]
 
 
 def reproduced(repo: Path) -> list[str]:
