@@ -331,12 +331,9 @@ class Trainer:
         return True
 
 
-def penalty_overhead(times: np.ndarray, n_boot: int = 1000, warmup: int = 20) -> dict:
+def penalty_overhead(times: np.ndarray, n_boot: int = 1000) -> dict:
     """The penalty's time over the rest of the step (selection + loss + gradient, timed around the
-    calls), with a 95% interval from resampling steps. `times` is [steps, (step_s, penalty_s)].
-    The first `warmup` steps are left out: they include numba's one-off kernel compilation (a
-    first run measured overhead 0.29 with interval [0.05, 0.77] from those few steps alone)."""
-    times = times[min(warmup, len(times) // 10) :]
+    calls), with a 95% interval from resampling steps. `times` is [steps, (step_s, penalty_s)]."""
     if len(times) == 0:
         return {}
     total, penalty = times[:, 0], times[:, 1]
