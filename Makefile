@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
+# torch by pip (it takes the machine's local CPU wheel; uv would download a CUDA build), the
+# pinned rest by uv: ~15 s instead of pip's ~160 s.
+UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)
 # DVC runs stage commands with `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -17,8 +20,9 @@ $(STAMP): requirements.txt Makefile pyproject.toml
 	@start=$$(date +%s); \
 	$(PYTHON) -m venv $(VENV) && \
 	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION) && \
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.txt && \
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . && \
+	$(PY) -m pip install -q --disable-pip-version-check uv==$(UV_VERSION) && \
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -r requirements.txt && \
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e . && \
 	echo "venv ready in $$(( $$(date +%s) - start )) s, $$(du -sh $(VENV) | cut -f1)"
 	@touch $(STAMP)
 

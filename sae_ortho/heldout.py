@@ -109,17 +109,19 @@ def downstream_logits(
         return model(hs.resid_pre[rows], start_at_layer=layer, return_type="logits")
 
 
-def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """CE of the next token at positions 1..T-2 (predictions made at non-BOS positions), [b, T-2]."""
-    logp = F.log_softmax(logits[:, 1:-1].float(), dim=-1)
+def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the predictions made at non-BOS positions 1..T-2, [b, T-2, vocab] (fp32)."""
+    return F.log_softmax(logits[:, 1:-1].float(), dim=-1)
+
+
+def token_losses(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """CE of the next token at positions 1..T-2, [b, T-2], from `token_logprobs`."""
     return -logp.gather(-1, tokens[:, 2:, None])[..., 0]
 
 
-def token_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(clean || spliced) at positions 1..T-2, [b, T-2] (the same positions as token_losses)."""
-    p_log = F.log_softmax(clean_logits[:, 1:-1].float(), dim=-1)
-    q_log = F.log_softmax(logits[:, 1:-1].float(), dim=-1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1)
+def token_kl(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(clean || spliced) at positions 1..T-2, [b, T-2], from two `token_logprobs`."""
+    return (clean_logp.exp() * (clean_logp - logp)).sum(-1)
 
 
 @torch.no_grad()
@@ -140,11 +142,16 @@ def spliced_losses(
     out: dict[str, dict[str, list]] = {name: {"ce": [], "kl": []} for name in reconstructions}
     n_batches = math.ceil(len(hs.tokens) / batch_size)
     for rows in tqdm(hs.batches(batch_size), total=n_batches, desc=desc, disable=not progress_bar):
-        clean = downstream_logits(model, hs, rows, layer, hook_name, None)
+        # log_softmax over the 49k-token vocabulary costs as much as the blocks: once per run and batch
+        clean = token_logprobs(downstream_logits(model, hs, rows, layer, hook_name, None))
         for name, reconstruct in reconstructions.items():
-            logits = clean if reconstruct is None else downstream_logits(model, hs, rows, layer, hook_name, reconstruct)
-            out[name]["ce"].append(token_losses(logits, hs.tokens[rows]))
-            out[name]["kl"].append(token_kl(clean, logits))
+            logp = (
+                clean
+                if reconstruct is None
+                else token_logprobs(downstream_logits(model, hs, rows, layer, hook_name, reconstruct))
+            )
+            out[name]["ce"].append(token_losses(logp, hs.tokens[rows]))
+            out[name]["kl"].append(token_kl(clean, logp))
     return {name: {k: torch.cat(v) for k, v in parts.items()} for name, parts in out.items()}
 
 

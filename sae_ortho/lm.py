@@ -80,8 +80,8 @@ def _llama_tl_config(hf_config, model_name: str):
     )
 
 
-def load_smollm2_tl():
-    """SmolLM2-135M-Instruct as a HookedTransformer, weights unprocessed (residual stream == HF's)."""
+def _convert_smollm2_tl():
+    """SmolLM2 converted from GGUF: (HookedTransformer, HF config dict). ~25 s: the GGUF is parsed three times."""
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
@@ -97,6 +97,82 @@ def load_smollm2_tl():
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
+    return model, hf_model.config.to_dict()
+
+
+def model_cache_dir() -> Path:
+    """Per-machine cache of the converted model, keyed by everything the conversion reads.
+
+    Like the Hugging Face cache it lives outside the pipeline: it is a pure function of the installed
+    GGUF file and library versions, so DVC need not track it. `SAE_ORTHO_CACHE` moves it.
+    """
+    import hashlib
+    import importlib.metadata as md
+
+    gguf = smollm2_gguf_path()
+    key = hashlib.sha256()
+    with open(gguf, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            key.update(block)
+    for package in ("transformers", "transformer_lens", "torch"):
+        key.update(f"{package}={md.version(package)};".encode())
+    key.update(f"format={_CACHE_FORMAT}".encode())
+    root = Path(os.environ.get("SAE_ORTHO_CACHE", Path.home() / ".cache" / "sae_ortho"))
+    return root / f"{SMOLLM2_TL_NAME}-{key.hexdigest()[:16]}"
+
+
+_CACHE_FORMAT = 1
+
+
+def _save_model_cache(model, hf_config: dict, directory: Path) -> None:
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.tokenizer.save_pretrained(tmp / "tokenizer")
+    (tmp / "hf_config.json").write_text(json.dumps(hf_config))
+    save_file({k: v.contiguous() for k, v in model.named_parameters()}, str(tmp / "params.safetensors"))
+    try:
+        tmp.rename(directory)  # atomic: a concurrent or interrupted writer never leaves a half cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process got there first
+
+
+def _load_model_cache(directory: Path):
+    import json
+
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer
+    from transformers import AutoTokenizer, LlamaConfig
+
+    hf_config = LlamaConfig.from_dict(json.loads((directory / "hf_config.json").read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
+    model = HookedTransformer(_llama_tl_config(hf_config, SMOLLM2_TL_NAME), tokenizer=tokenizer, move_to_device=False)
+    params = load_file(str(directory / "params.safetensors"))
+    missing, unexpected = model.load_state_dict(params, strict=False)
+    expected = {name for name, _ in model.named_parameters()}
+    if unexpected or expected & set(missing):
+        raise RuntimeError(f"model cache {directory} does not match the model: delete it and rerun")
+    return model
+
+
+def load_smollm2_tl(use_cache: bool = True):
+    """SmolLM2-135M-Instruct as a HookedTransformer, weights unprocessed (residual stream == HF's).
+
+    The first call converts the GGUF (~25 s) and caches the result (model_cache_dir(), ~540 MB);
+    later calls, in every stage and test session, load the cache in a few seconds.
+    """
+    directory = model_cache_dir() if use_cache else None
+    if directory is not None and directory.is_dir():
+        model = _load_model_cache(directory)
+    else:
+        model, hf_config = _convert_smollm2_tl()
+        if directory is not None:
+            _save_model_cache(model, hf_config, directory)
     model.eval()
     return model
 

@@ -95,6 +95,7 @@ class TrainParams:
     dead_tokens: int = 200_000  # a latent silent for this many tokens counts as dead
     log_every: int = 10
     checkpoint_every: int = 100
+    snapshots: int = 0  # encoder/decoder snapshots saved evenly over the run (stability stage); 0 = none
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.d_sae >= 2, f"{prefix}.d_sae", "must be >= 2")
@@ -110,6 +111,7 @@ class TrainParams:
         _check(self.dead_tokens >= 1, f"{prefix}.dead_tokens", "must be >= 1")
         _check(self.log_every >= 1, f"{prefix}.log_every", "must be >= 1")
         _check(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
+        _check(0 <= self.snapshots <= self.steps, f"{prefix}.snapshots", f"must be in 0..steps ({self.steps})")
 
     @property
     def steps(self) -> int:
@@ -350,6 +352,28 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class StabilityParams:
+    """Stage `stability`: kept-pair stability within a run and feature/pair stability across SAE seeds."""
+
+    extra_seeds: tuple[int, ...] = ()
+    lag_fractions: tuple[float, ...] = (0.1, 0.5)
+    heldout_batches: int = 8
+    null_draws: int = 20
+    cos_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    top_pairs: int = 20
+
+    def validate(self, sae_seed: int, prefix: str = "stability") -> None:
+        seeds = self.extra_seeds
+        _check(len(set(seeds)) == len(seeds), f"{prefix}.extra_seeds", f"must be distinct, got {list(seeds)}")
+        _check(sae_seed not in seeds, f"{prefix}.extra_seeds", f"must not contain sae_seed ({sae_seed})")
+        _check(all(0 < f < 1 for f in self.lag_fractions), f"{prefix}.lag_fractions", "must be in (0, 1)")
+        _check(self.heldout_batches >= 1, f"{prefix}.heldout_batches", "must be >= 1")
+        _check(self.null_draws >= 1, f"{prefix}.null_draws", "must be >= 1")
+        _check(all(0 < c < 1 for c in self.cos_thresholds), f"{prefix}.cos_thresholds", "must be in (0, 1)")
+        _check(self.top_pairs >= 1, f"{prefix}.top_pairs", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class Params:
     model: str = "smollm2-135m"
     layer: int = 6
@@ -361,6 +385,7 @@ class Params:
     tau: float = 0.1
     topk_fraction: float = 0.001
     tau_schedule: Literal["fixed", "adaptive"] = "fixed"
+    sae_seed: int = 0  # SAE init and batch order of the default SAEs (`seed` also feeds the corpus)
     train: TrainParams = field(default_factory=TrainParams)
     ortho: OrthoParams = field(default_factory=OrthoParams)
     # SAEs the per-SAE evaluation stages run on (dvc.yaml foreach): name -> trained SAE directory.
@@ -371,6 +396,7 @@ class Params:
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     letters: LettersParams = field(default_factory=LettersParams)
     absorption: AbsorptionParams = field(default_factory=AbsorptionParams)
+    stability: StabilityParams = field(default_factory=StabilityParams)
 
     @property
     def hook_name(self) -> str:
@@ -426,6 +452,7 @@ class Params:
         self.synthetic.validate()
         self.letters.validate()
         self.absorption.validate()
+        self.stability.validate(self.sae_seed)
         _check(len(self.probing.k_values) >= 1, "probing.k_values", "needs at least one k")
         # The corpus stage keeps classes with at least data.probe_min_*; probing then takes exactly
         # probing.*_per_class of each, so the first must cover the second.

@@ -39,6 +39,7 @@ from sae_ortho.data import shuffled_batches
 from sae_ortho.ortho import TauSchedule, add_ortho_grad_, ortho_terms, select_pairs_csr
 from sae_ortho.sae import SAE, SAEConfig
 from sae_ortho.shards import ActivationShards
+from sae_ortho.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
 from sae_ortho.sparse_ops import (
     ActiveCodes,
     decode_active,
@@ -77,10 +78,17 @@ class RunConfig:
         return hashlib.sha256(json.dumps([asdict(self), data_fp], sort_keys=True).encode()).hexdigest()
 
 
-def run_config(p: params_mod.Params, name: str) -> RunConfig:
+def run_config(p: params_mod.Params, name: str, seed: int | None = None) -> RunConfig:
+    """The run of SAE `name` (baseline | ortho); `seed` overrides `sae_seed` (the stability seeds)."""
+    seed = p.sae_seed if seed is None else seed
     if name == "baseline":
-        return RunConfig(train=p.train, seed=p.seed)
-    return RunConfig(p.train, p.seed, p.tau, p.topk_fraction, p.tau_schedule, p.ortho)
+        return RunConfig(train=p.train, seed=seed)
+    return RunConfig(p.train, seed, p.tau, p.topk_fraction, p.tau_schedule, p.ortho)
+
+
+def snapshot_steps(t: params_mod.TrainParams) -> set[int]:
+    """Steps after which a snapshot is taken: `t.snapshots` evenly spaced, the last at the end."""
+    return {round(n * t.steps / t.snapshots) for n in range(1, t.snapshots + 1)} if t.snapshots else set()
 
 
 def lr_at(step: int, t: params_mod.TrainParams) -> float:
@@ -256,12 +264,15 @@ class Trainer:
             parts.update(ortho=ortho, mean_abs_cos=mean_abs_cos, n_pairs=len(pairs))
             if self.step % self.cfg.ortho.log_pairs_every == 0:
                 ranked = pairs.ranked()
+                with torch.no_grad():  # rows are unit norm: the decoder cosine when (re)selected
+                    pair_cos = (sae.W_dec[ranked.i] * sae.W_dec[ranked.j]).sum(-1)
                 self.pair_log.append(
                     {
                         "step": np.full(len(pairs), self.step, dtype=np.int32),
                         "i": ranked.i.numpy().astype(np.int32),
                         "j": ranked.j.numpy().astype(np.int32),
                         "score": ranked.score.numpy(),
+                        "cos": pair_cos.numpy().astype(np.float32),
                     }
                 )
             self.tau.update(parts["mean_abs_cos"])
@@ -331,9 +342,12 @@ class Trainer:
         return True
 
 
-def penalty_overhead(times: np.ndarray, n_boot: int = 1000) -> dict:
+def penalty_overhead(times: np.ndarray, n_boot: int = 1000, warmup: int = 20) -> dict:
     """The penalty's time over the rest of the step (selection + loss + gradient, timed around the
-    calls), with a 95% interval from resampling steps. `times` is [steps, (step_s, penalty_s)]."""
+    calls), with a 95% interval from resampling steps. `times` is [steps, (step_s, penalty_s)].
+    The first `warmup` steps are left out: they include numba's one-off kernel compilation (a
+    first run measured overhead 0.29 with interval [0.05, 0.77] from those few steps alone)."""
+    times = times[min(warmup, len(times) // 10) :]
     if len(times) == 0:
         return {}
     total, penalty = times[:, 0], times[:, 1]
@@ -387,6 +401,7 @@ def train(
     bar = tqdm(total=t.steps, initial=trainer.step, unit="step", disable=not progress_bar)
     t0, step0 = time.perf_counter(), trainer.step
     step_times: list[tuple[float, float]] = []  # (step, penalty) seconds of this process's steps
+    snap_steps = snapshot_steps(t)
     while trainer.step < total:
         x = next(trainer.batches)
         try:
@@ -399,6 +414,8 @@ def train(
             trainer.history.append(stats)
             log_live(live, stats)
             bar.set_postfix(fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}", tau=f"{stats['tau']:.3g}")
+        if trainer.step in snap_steps:  # on disk at once, so a resumed run keeps the earlier ones
+            save_snapshot(trainer.sae, ckpt_dir / "snapshots", trainer.step)
         if trainer.step % t.checkpoint_every == 0:
             trainer.save_checkpoint(ckpt_dir, fp)
         bar.update(1)
@@ -409,10 +426,12 @@ def train(
 
     trainer.sae.save(out_dir)
     if cfg.uses_ortho:
-        pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score")}
+        pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score", "cos")}
         tmp = out_dir / ".pairs.parquet.tmp"
         pq.write_table(pa.table(pairs), tmp)
         os.replace(tmp, out_dir / "pairs.parquet")
+    if snap_steps:
+        collect_snapshots(ckpt_dir / "snapshots", out_dir / SNAPSHOTS, snap_steps)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     last = trainer.history[-5:]
     final = {k: float(np.mean([h[k] for h in last])) for k in ("fvu", "l0", "mse", "dead_fraction", "tau")}

@@ -1,4 +1,8 @@
-"""Stage `train` / `train_baseline`: one SAE, with or without the orthogonality term (library: sae_ortho/train.py)."""
+"""Stage `train` / `train_baseline`: one SAE, with or without the orthogonality term (library: sae_ortho/train.py).
+
+`--seed N` trains one of the stability analysis's extra seeds (stages `train_seed@N`, `train_baseline_seed@N`)
+into models/seeds/<name>_s<N>, metrics/train/seeds/<name>_s<N>.json; without it, the default SAE at `sae_seed`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from sae_ortho.train import ACTIVATIONS, METRICS, MODELS, NonFiniteLoss, run_con
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", choices=["baseline", "ortho"], required=True)
+    parser.add_argument("--seed", type=int, default=None, help="an extra SAE seed (default: sae_seed)")
     args = parser.parse_args()
     p = params_mod.load_or_exit()
     try:
@@ -22,25 +27,24 @@ def main() -> None:
         sys.exit(f"error: {err}")
     if shards.n_tokens < p.train.batch_size:
         sys.exit(f"error: {ACTIVATIONS} holds {shards.n_tokens} tokens, fewer than train.batch_size")
-    cfg = run_config(p, args.name)
+    cfg = run_config(p, args.name, args.seed)
     from dvclive import Live
 
-    METRICS.mkdir(parents=True, exist_ok=True)
-    live_dir = METRICS / f"{args.name}_live"
-    with Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=False) as live:
+    if args.seed is None:
+        models, metrics_dir, run_name = MODELS, METRICS, args.name
+    else:
+        models, metrics_dir, run_name = MODELS / "seeds", METRICS / "seeds", f"{args.name}_s{args.seed}"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = models / f".ckpt_{run_name}"
+    live = Live(str(metrics_dir / f"{run_name}_live"), dvcyaml=None, save_dvc_exp=False, report=None, resume=False)
+    with live:
         try:
             metrics = train(
-                cfg,
-                shards,
-                MODELS / args.name,
-                MODELS / f".ckpt_{args.name}",
-                shards.manifest["model"],
-                shards.manifest["hook_name"],
-                live,
+                cfg, shards, models / run_name, ckpt, shards.manifest["model"], shards.manifest["hook_name"], live
             )
         except NonFiniteLoss as err:
-            sys.exit(f"error: {err}; last good state kept in {MODELS / f'.ckpt_{args.name}' / 'last_good'}")
-    atomic_write_text(METRICS / f"{args.name}.json", json.dumps(metrics, indent=2) + "\n")
+            sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
+    atomic_write_text(metrics_dir / f"{run_name}.json", json.dumps({"seed": cfg.seed, **metrics}, indent=2) + "\n")
     print(json.dumps(metrics))
 
 

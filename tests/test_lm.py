@@ -39,3 +39,20 @@ def test_hub_model_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
     with pytest.raises(ModelUnavailableError, match="not in the local Hugging Face cache"):
         load_model("gpt2")
+
+
+def test_model_cache_round_trip_is_exact(monkeypatch, tmp_path, model):
+    """The per-machine cache of the converted model gives the same weights, buffers' outputs and tokenizer."""
+    from sae_ortho.lm import load_smollm2_tl, model_cache_dir
+
+    monkeypatch.setenv("SAE_ORTHO_CACHE", str(tmp_path))
+    assert not model_cache_dir().exists()
+    load_smollm2_tl()  # converts from the GGUF and writes the cache
+    assert model_cache_dir().is_dir() and not list(tmp_path.glob(".*.tmp"))
+    cached = load_smollm2_tl()
+    for (name, a), (_, b) in zip(model.named_parameters(), cached.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    text = "Absorption: the child latent fires and the parent's latent stays silent."
+    assert torch.equal(model.to_tokens(text), cached.to_tokens(text))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(model.to_tokens(text)), cached(cached.to_tokens(text)), rtol=0, atol=0)

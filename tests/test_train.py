@@ -62,6 +62,7 @@ def test_trained_sae_reconstructs_sparsely(shards, tmp_path, architecture):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256), atol=1e-5, rtol=0)
     pairs = __import__("pandas").read_parquet(tmp_path / "sae" / "pairs.parquet")
     assert (pairs.i < pairs.j).all() and pairs.j.max() < 256 and len(pairs) > 0
+    assert pairs.cos.abs().max() <= 1 + 1e-5 and pairs.cos.abs().mean() > 0
     # The saved model, reloaded: FVU recomputed from scratch on a training shard (in-sample; the
     # held-out metrics are tested in tests/test_core.py).
     x = shards.load(len(shards) - 1).float()
@@ -137,6 +138,21 @@ def test_interrupted_training_resumes_to_the_same_weights(shards, tmp_path):
     assert metrics["resumed"] and metrics["steps"] == 40
     assert same_weights(full, resumed)
     assert not (tmp_path / ".ckpt_resumed").exists()
+    for name in ("pairs.parquet",):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_snapshots_are_taken_evenly_and_survive_a_resume(shards, tmp_path):
+    from sae_ortho.snapshots import SNAPSHOTS, load_snapshots
+
+    cfg = RunConfig(replace(TINY, snapshots=4), seed=2)  # the baseline: no pair log, snapshots all the same
+    run(cfg, shards, tmp_path, "s", max_steps=15)  # interrupted after the first snapshot (step 10)
+    _, sae = run(cfg, shards, tmp_path, "s")
+    snaps = load_snapshots(tmp_path / "s" / SNAPSHOTS)
+    assert list(snaps) == [10, 20, 30, 40]
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):  # the last is the final SAE, to fp16 precision
+        torch.testing.assert_close(snaps[40][key], getattr(sae, key).detach(), atol=2e-3, rtol=1e-3)
+    assert not torch.allclose(snaps[10]["W_dec"], snaps[40]["W_dec"], atol=1e-2)
 
 
 def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):

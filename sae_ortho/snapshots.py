@@ -1,0 +1,51 @@
+"""Encoder/decoder snapshots taken during training, for the stability analysis.
+
+The baseline has no pair log of its own, so the stability stage reruns the pair selector on each
+snapshot's codes over fixed held-out batches; the orthogonality SAE's snapshots go through the same
+path, which makes the two comparable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SNAPSHOTS = "snapshots.safetensors"
+SNAPSHOT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def save_snapshot(sae, directory: Path, step: int) -> None:
+    """The encoder and decoder after `step`, in fp16 (~11 MB at 4608 x 576): enough to recompute codes
+    and decoder cosines, which is all the stability analysis reads."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".step_{step}.tmp"
+    save_file({k: getattr(sae, k).detach().half().contiguous() for k in SNAPSHOT_KEYS}, str(tmp))
+    os.replace(tmp, directory / f"step_{step}.safetensors")
+
+
+def collect_snapshots(directory: Path, out: Path, steps: set[int]) -> None:
+    """One file `{step}.{W_enc,b_enc,W_dec,b_dec}` from the per-step files, written atomically."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for step in sorted(steps):
+        for key, value in load_file(str(directory / f"step_{step}.safetensors")).items():
+            tensors[f"{step}.{key}"] = value
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out)
+
+
+def load_snapshots(path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """step -> {W_enc, b_enc, W_dec, b_dec} (fp32) from a training run's snapshots.safetensors."""
+    from safetensors.torch import load_file
+
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        step, name = key.split(".", 1)
+        out.setdefault(int(step), {})[name] = value.float()
+    return dict(sorted(out.items()))
