@@ -47,6 +47,7 @@ TINY = {
         "eval_samples": 2000,
         "bootstrap": 100,
     },
+    "stability": {"null_draws": 3, "heldout_batches": 2},
 }
 
 
@@ -118,6 +119,12 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert "synthetic.t.absorption" in efficiency["reductions"]
     heldout = json.loads((repo_copy / "data/heldout/manifest.json").read_text())
     assert heldout["doc_split"]["heldout_docs"][0] > heldout["doc_split"]["training_stream_docs"][1]
+    stability = json.loads((repo_copy / "metrics/stability.json").read_text())
+    assert 0 <= stability["within_run"]["jaccard_at_lag"]["1"]["jaccard"] <= 1
+    assert set(stability["snapshots"]) == {"baseline", "ortho"}
+    assert "skipped" in stability["cross_seed"]
+    for plot in ("jaccard_lag", "persistence", "seed_match"):
+        assert (repo_copy / f"metrics/stability/{plot}.png").stat().st_size > 1000
 
 
 def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
@@ -127,7 +134,15 @@ def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
     assert set(status) == {"train", "synthetic_ortho"}, status  # its evaluations rerun: models/ortho changes
     # efficiency@ortho reruns because its inputs' `seconds` fields changed, never the baseline's stages.
-    expected = ["absorption@ortho", "core@ortho", "efficiency@ortho", "probing@ortho", "synthetic_ortho", "train"]
+    expected = [
+        "absorption@ortho",
+        "core@ortho",
+        "efficiency@ortho",
+        "probing@ortho",
+        "stability",
+        "synthetic_ortho",
+        "train",
+    ]
     assert reproduced(repo_copy) == expected
     ortho = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
     assert ortho["tau"] == pytest.approx(params["tau"])
@@ -140,7 +155,24 @@ def test_editing_one_sae_entry_reruns_exactly_its_evaluations(repo_copy):
     shutil.copytree(repo_copy / "models/ortho", repo_copy / "ortho_copy")
     params["saes"]["ortho"] = "ortho_copy"
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert reproduced(repo_copy) == ["absorption@ortho", "core@ortho", "efficiency@ortho", "probing@ortho"]
+    # stability reads metrics/absorption/ortho.json (the latents it flags), so it follows.
+    expected = ["absorption@ortho", "core@ortho", "efficiency@ortho", "probing@ortho", "stability"]
+    assert reproduced(repo_copy) == expected
+
+
+def test_stability_params_rerun_only_stability_and_extra_seeds_train_both_arms(repo_copy):
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["stability"]["null_draws"] = 2
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert reproduced(repo_copy) == ["stability"]
+    params["stability"]["extra_seeds"] = [1]
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert reproduced(repo_copy) == ["stability", "train_baseline_seed@1", "train_seed@1"]
+    cross = json.loads((repo_copy / "metrics/stability.json").read_text())["cross_seed"]["arms"]
+    for arm in ("baseline", "ortho"):
+        (entry,) = cross[arm]["pairs"]
+        assert entry["seed"] == 1 and 0 < entry["mean_cos"] <= 1
+        assert {"null_rotation", "null_covariance", "kept_pair_overlap"} <= set(entry)
 
 
 def reproduced(repo: Path) -> list[str]:
