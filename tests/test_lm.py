@@ -42,14 +42,31 @@ def test_hub_model_offline_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_model_cache_round_trip_is_exact(monkeypatch, tmp_path, model):
-    """The per-machine cache of the converted model gives the same weights, buffers' outputs and tokenizer."""
-    from sae_ortho.lm import load_smollm2_tl, model_cache_dir
+    """The per-machine cache of the converted model gives the same weights, logits and tokenizer.
+    (The session's `model` came through load_model, so the conversion itself is covered by
+    test_tl_logits_match_hf; here the cache is written from it and read back.)"""
+    from sae_ortho.lm import _load_model_cache, _save_model_cache, model_cache_dir
 
     monkeypatch.setenv("SAE_ORTHO_CACHE", str(tmp_path))
-    assert not model_cache_dir().exists()
-    load_smollm2_tl()  # converts from the GGUF and writes the cache
-    assert model_cache_dir().is_dir() and not list(tmp_path.glob(".*.tmp"))
-    cached = load_smollm2_tl()
+    directory = model_cache_dir()
+    assert not directory.exists() and directory.parent == tmp_path
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=model.cfg.d_model,
+        num_attention_heads=model.cfg.n_heads,
+        num_key_value_heads=model.cfg.n_key_value_heads or model.cfg.n_heads,
+        intermediate_size=model.cfg.d_mlp,
+        num_hidden_layers=model.cfg.n_layers,
+        max_position_embeddings=model.cfg.n_ctx,
+        rms_norm_eps=model.cfg.eps,
+        vocab_size=model.cfg.d_vocab,
+        hidden_act=model.cfg.act_fn,
+        rope_theta=model.cfg.rotary_base,
+    )
+    _save_model_cache(model, config.to_dict(), directory)
+    assert directory.is_dir() and not list(tmp_path.glob(".*.tmp"))
+    cached = _load_model_cache(directory)
     for (name, a), (_, b) in zip(model.named_parameters(), cached.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     text = "Absorption: the child latent fires and the parent's latent stays silent."
