@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from sae_ortho import params as params_mod
 from sae_ortho.data import shuffled_batches
-from sae_ortho.ortho import TauSchedule, add_ortho_grad_, ortho_terms, select_pairs_csr
+from sae_ortho.ortho import TauSchedule
+from sae_ortho.penalties import DecoderPenalty, TopKCoactivation
 from sae_ortho.sae import SAE, SAEConfig
 from sae_ortho.shards import ActivationShards
 from sae_ortho.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
@@ -177,6 +178,7 @@ class Trainer:
         self.batches = self.source.stream(t.batch_size, cfg.seed)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=(0.9, 0.999))
         self.tau = TauSchedule(cfg.tau, cfg.tau_schedule, cfg.ortho.target, cfg.ortho.tau_lr)
+        self.penalty: DecoderPenalty | None = TopKCoactivation(cfg.topk_fraction) if cfg.uses_ortho else None
         self.step = 0
         self.silent_tokens = torch.zeros(t.d_sae, dtype=torch.long)
         self.pair_log: list[dict[str, np.ndarray]] = []
@@ -255,35 +257,23 @@ class Trainer:
             loss = loss + t.aux_coeff * aux
             parts["auxk"] = aux.item()
         tau = self.tau.tau
-        if self.cfg.uses_ortho:
+        penalty = self.penalty
+        if penalty is not None:
             t0 = time.perf_counter()
-            pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, t.d_sae, self.cfg.topk_fraction)
-            # Its gradient is added in place after backward (add_ortho_grad_), not through autograd.
-            ortho, mean_abs_cos, cos = ortho_terms(sae.W_dec, pairs)
+            terms = penalty.terms(sae.W_dec, codes, t.d_sae)  # gradient added after backward, in place
             penalty_s += time.perf_counter() - t0
-            parts.update(ortho=ortho, mean_abs_cos=mean_abs_cos, n_pairs=len(pairs))
+            parts.update(terms.parts)
             if self.step % self.cfg.ortho.log_pairs_every == 0:
-                ranked = pairs.ranked()
-                with torch.no_grad():  # rows are unit norm: the decoder cosine when (re)selected
-                    pair_cos = (sae.W_dec[ranked.i] * sae.W_dec[ranked.j]).sum(-1)
-                self.pair_log.append(
-                    {
-                        "step": np.full(len(pairs), self.step, dtype=np.int32),
-                        "i": ranked.i.numpy().astype(np.int32),
-                        "j": ranked.j.numpy().astype(np.int32),
-                        "score": ranked.score.numpy(),
-                        "cos": pair_cos.numpy().astype(np.float32),
-                    }
-                )
+                self.pair_log.append(penalty.log_rows(sae.W_dec, terms, self.step))
             self.tau.update(parts["mean_abs_cos"])
-        total = loss.item() + (tau * parts["ortho"] if self.cfg.uses_ortho else 0.0)
+        total = loss.item() + (tau * terms.value if penalty is not None else 0.0)
         if not math.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss ({total}) at step {self.step}: {parts}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.uses_ortho and tau > 0:
+        if penalty is not None and tau > 0:
             t0 = time.perf_counter()
-            add_ortho_grad_(sae.W_dec.grad, sae.W_dec, pairs.i, pairs.j, cos, tau)
+            penalty.add_grad_(sae.W_dec.grad, sae.W_dec, terms, tau)
             penalty_s += time.perf_counter() - t0
         sae.remove_parallel_grad()
         self.opt.step()

@@ -1,0 +1,70 @@
+"""Decoder penalties: one interface the trainer calls for every extra term on the decoder.
+
+A penalty does four things each step: select what it penalises from the batch's codes, compute its
+value (before the strength tau), add tau times its gradient to `W_dec.grad` in place after the
+reconstruction's backward (no autograd graph, no second d_sae x d_in buffer), and say what to log.
+The top-k co-activation term is one; the random-pairs control and the OrtSAE-style all-pairs term
+of the study implement the same interface, so the trainer's step never changes for a new arm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sae_ortho.ortho import PairSelection, add_ortho_grad_, ortho_terms, select_pairs_csr
+
+
+@dataclass
+class PenaltyTerms:
+    """One step's penalty: its value before tau, what it penalised, and the scalars to log."""
+
+    value: float
+    parts: dict[str, float]
+    pairs: PairSelection
+    cos: torch.Tensor  # decoder cosine of each penalised pair (same order as `pairs`)
+    extra: dict = field(default_factory=dict)
+
+
+class DecoderPenalty:
+    """Interface: `terms` (selection + value), `add_grad_` (in place), `log_rows` (pair log)."""
+
+    name = "penalty"
+
+    def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
+        raise NotImplementedError
+
+    def add_grad_(self, grad: torch.Tensor, w_dec: torch.Tensor, terms: PenaltyTerms, tau: float) -> None:
+        """grad += tau * d value / d W_dec for mean-of-squared-cosine penalties."""
+        if len(terms.pairs):
+            add_ortho_grad_(grad, w_dec, terms.pairs.i, terms.pairs.j, terms.cos, tau)
+
+    def log_rows(self, w_dec: torch.Tensor, terms: PenaltyTerms, step: int) -> dict[str, np.ndarray]:
+        """The penalised pairs, best first, with their decoder cosine now (pairs.parquet rows)."""
+        ranked = terms.pairs.ranked()
+        with torch.no_grad():  # rows are unit norm: the decoder cosine when (re)selected
+            pair_cos = (w_dec[ranked.i] * w_dec[ranked.j]).sum(-1)
+        return {
+            "step": np.full(len(ranked), step, dtype=np.int32),
+            "i": ranked.i.numpy().astype(np.int32),
+            "j": ranked.j.numpy().astype(np.int32),
+            "score": ranked.score.numpy(),
+            "cos": pair_cos.numpy().astype(np.float32),
+        }
+
+
+class TopKCoactivation(DecoderPenalty):
+    """The instantaneous top-k orthogonality term: the `fraction` most co-active pairs of the batch,
+    penalised by their mean squared decoder cosine."""
+
+    name = "topk_coactivation"
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
+        pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, self.fraction)
+        value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
+        return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
