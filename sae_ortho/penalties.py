@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sae_ortho.ortho import PairSelection, add_ortho_grad_, ortho_terms, select_pairs_csr
+from sae_ortho.ortho import PairSelection, add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr
 
 
 @dataclass
@@ -66,5 +66,31 @@ class TopKCoactivation(DecoderPenalty):
 
     def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
         pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, self.fraction)
+        value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
+        return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
+
+
+class RandomPairs(DecoderPenalty):
+    """The control: as many pairs as the top-k term keeps, drawn uniformly at random each batch
+    (seeded), so a study arm shows whether co-activation selection matters at all."""
+
+    name = "random_pairs"
+
+    def __init__(self, fraction: float, seed: int = 0):
+        self.fraction = fraction
+        self.rng = np.random.default_rng(seed)
+
+    def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
+        budget = min(pair_budget(d_sae, self.fraction), d_sae * (d_sae - 1) // 2)
+        ids = np.empty(0, dtype=np.int64)
+        while len(ids) < budget:  # rejection: distinct unordered pairs, i != j
+            i, j = self.rng.integers(0, d_sae, (2, 2 * budget))
+            keep = i != j
+            lo, hi = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
+            ids = np.unique(np.concatenate([ids, lo * d_sae + hi]))
+        ids = self.rng.permutation(ids)[:budget]
+        pairs = PairSelection(
+            torch.from_numpy(ids // d_sae), torch.from_numpy(ids % d_sae), torch.zeros(budget, dtype=torch.float32)
+        )
         value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
         return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
