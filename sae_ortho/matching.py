@@ -14,15 +14,13 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-
-def unit_rows(w: torch.Tensor) -> torch.Tensor:
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+from sae_ortho.core import unit_rows
 
 
 def match_decoders(w_a: torch.Tensor, w_b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """For each row of `w_a`, its matched row of `w_b` (one-to-one, maximising the summed cosine)
     and the matched cosine."""
-    cos = (unit_rows(w_a.float()) @ unit_rows(w_b.float()).T).numpy()
+    cos = (unit_rows(w_a) @ unit_rows(w_b).T).numpy()
     rows, cols = linear_sum_assignment(cos, maximize=True)
     order = np.argsort(rows)
     return cols[order], cos[rows[order], cols[order]]

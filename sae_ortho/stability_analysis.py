@@ -15,6 +15,7 @@ import torch
 
 from sae_ortho import matching
 from sae_ortho import stability as st
+from sae_ortho.core import unit_rows
 from sae_ortho.ortho import pair_budget
 from sae_ortho.params import StabilityParams
 from sae_ortho.sae import CONFIG_FILE, SAE
@@ -39,7 +40,7 @@ def within_run(pairs: pd.DataFrame, w_dec_final: torch.Tensor, fraction: float, 
     order = np.argsort(-counts, kind="stable")[: sp.top_pairs]
     first = pairs.assign(id=np.minimum(pairs.i, pairs.j).astype(np.int64) * d_sae + np.maximum(pairs.i, pairs.j))
     first = first.sort_values("step").drop_duplicates("id").set_index("id")
-    w = matching.unit_rows(w_dec_final)
+    w = unit_rows(w_dec_final)
     top = []
     for pid, count in zip(ids[order], counts[order], strict=True):
         i, j = int(pid // d_sae), int(pid % d_sae)

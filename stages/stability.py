@@ -17,7 +17,7 @@ from sae_ortho import params as params_mod
 from sae_ortho import plots
 from sae_ortho import stability_analysis as sa
 from sae_ortho.heldout import HeldoutSet
-from sae_ortho.sae import SAE
+from sae_ortho.sae import CONFIG_FILE, SAE
 from sae_ortho.shards import atomic_write_text
 
 MODELS = Path("models")
@@ -38,7 +38,7 @@ def main() -> None:
     sp = p.stability
     t0 = time.perf_counter()
     dirs = {arm: arm_dirs(arm, p) for arm in ARMS}
-    missing = [str(d) for by_seed in dirs.values() for d in by_seed.values() if not (d / "sae_config.json").exists()]
+    missing = [str(d) for by_seed in dirs.values() for d in by_seed.values() if not (d / CONFIG_FILE).exists()]
     if missing or not (HELDOUT / "manifest.json").exists():
         sys.exit(f"error: missing inputs: {', '.join(missing or [str(HELDOUT)])}")
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import torch
 from sae_ortho import matching
 from sae_ortho import stability as st
 from sae_ortho import stability_analysis as sa
+from sae_ortho.core import unit_rows
 from sae_ortho.params import StabilityParams
 
 D = 64
@@ -55,7 +56,7 @@ def test_null_keeps_each_latents_pair_count():
 def test_within_run_on_a_stable_log_beats_its_null():
     rng = np.random.default_rng(2)
     pairs = random_pairs(rng, 30)
-    w = matching.unit_rows(torch.randn(D, 16))
+    w = unit_rows(torch.randn(D, 16))
     res = sa.within_run(log_of([pairs] * 12), w, 0.015, StabilityParams(null_draws=5, top_pairs=5), rng)
     assert res["jaccard_at_lag"]["1"]["jaccard"] == 1.0 and res["jaccard_at_lag"]["1"]["margin"] > 0.5
     assert res["distinct_pairs"] == 30 and res["persistent_pairs"] == 30
@@ -87,7 +88,7 @@ def test_covariance_null_follows_the_data():
     axis = torch.zeros(8)
     axis[0] = 1.0
     cov = torch.eye(8) * 0.01 + 100 * torch.outer(axis, axis)
-    rows = matching.unit_rows(matching.covariance_null(cov, 500, rng))
+    rows = unit_rows(matching.covariance_null(cov, 500, rng))
     assert rows[:, 0].abs().mean() > 0.9
 
 
