@@ -12,7 +12,7 @@ export PYTHONPATH := $(CURDIR)
 # DVC runs stage commands with `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test bench lint clean-venv
+.PHONY: install repro study test bench lint clean-venv
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ $(STAMP): requirements.txt Makefile pyproject.toml
 repro: $(STAMP)
 	@test -d .git || { echo "error: make repro needs a git checkout (dvc stores its state in git)"; exit 1; }
 	$(VENV)/bin/dvc repro
+
+# The study (study/dvc.yaml) on top of the default pipeline's cached outputs; see README "The study".
+study: $(STAMP)
+	@test -d .git || { echo "error: make study needs a git checkout (dvc stores its state in git)"; exit 1; }
+	$(VENV)/bin/dvc repro dvc.yaml study/dvc.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -172,14 +172,18 @@ def ortho_loss(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[torch.Tensor,
 class TauSchedule:
     """tau_t. fixed: constant. adaptive: projected dual ascent on the kept pairs' mean |cos|:
     tau <- max(0, tau + lr * (mean|cos| - target)), so tau grows while the selected pairs are
-    more aligned than `target` and decays once they are below it."""
+    more aligned than `target` and decays once they are below it. decay: tau <- tau * decay each
+    step, the multiplicative rule of the earlier failed attempt (background.md section 8)."""
 
     tau: float
     kind: str = "fixed"
     target: float = 0.1
     lr: float = 0.01
+    decay: float = 0.999
 
     def update(self, mean_abs_cos: float) -> float:
         if self.kind == "adaptive":
             self.tau = max(0.0, self.tau + self.lr * (mean_abs_cos - self.target))
+        elif self.kind == "decay":
+            self.tau *= self.decay
         return self.tau

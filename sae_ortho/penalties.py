@@ -94,3 +94,41 @@ class RandomPairs(DecoderPenalty):
         )
         value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
         return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
+
+
+class OrtSAEChunks(DecoderPenalty):
+    """OrtSAE-style term (Korznikov et al., arXiv 2509.22033): no co-activation, every latent is
+    penalised by its largest squared decoder cosine with another latent of its chunk, the latents
+    split into random chunks of `chunk_size` each step so the cost stays linear in d_sae. The value is
+    the mean over latents of max_j cos_ij^2; each (i, argmax j) enters as one pair, so the pair
+    gradient of the interface applies unchanged (a pair may appear twice when j's argmax is i)."""
+
+    name = "ortsae"
+
+    def __init__(self, chunk_size: int, seed: int = 0):
+        self.chunk_size = chunk_size
+        self.rng = np.random.default_rng(seed)
+
+    def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
+        order = torch.from_numpy(self.rng.permutation(d_sae))
+        firsts, partners = [], []
+        with torch.no_grad():
+            for chunk in order.split(self.chunk_size):
+                if len(chunk) < 2:
+                    continue
+                gram = w_dec[chunk] @ w_dec[chunk].T
+                gram.fill_diagonal_(0.0)
+                firsts.append(chunk)
+                partners.append(chunk[gram.abs().argmax(1)])
+        if not firsts:
+            return PenaltyTerms(0.0, {"ortho": 0.0, "mean_abs_cos": 0.0, "n_pairs": 0}, _no_pairs(), torch.zeros(0))
+        i, j = torch.cat(firsts), torch.cat(partners)
+        pairs = PairSelection(i, j, torch.zeros(len(i), dtype=torch.float32))
+        value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
+        pairs.score = (cos**2).float()  # the log ranks pairs by the penalty they carry
+        return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
+
+
+def _no_pairs() -> PairSelection:
+    empty = torch.zeros(0, dtype=torch.int64)
+    return PairSelection(empty, empty, torch.zeros(0, dtype=torch.float32))

@@ -112,8 +112,7 @@ def aggregate(h: SyntheticHierarchy, pairs: np.ndarray, runs: list[tuple[dict, d
     return out
 
 
-def settings(p: Params, arm: str) -> dict:
-    s, cfg = p.synthetic, synthetic_run_config(p, arm, 0)
+def settings(s: SyntheticParams, cfg: RunConfig) -> dict:
     out = {
         "train": asdict(s.train),
         "steps": s.train.steps,
@@ -132,20 +131,34 @@ def settings(p: Params, arm: str) -> dict:
             "ortho": asdict(cfg.ortho),
             "pair_budget": pair_budget(s.train.d_sae, cfg.topk_fraction),
         }
+        if cfg.penalty != "topk":  # the study's arms (absent from the default arms' settings)
+            out |= {"penalty": cfg.penalty, "tau_decay": cfg.tau_decay, "ortsae_chunk": cfg.ortsae_chunk}
+    if cfg.matryoshka_prefixes:
+        out["matryoshka_prefixes"] = list(cfg.matryoshka_prefixes)
     return out
 
 
-def run_arm(p: Params, arm: str, out_dir: Path, ckpt_root: Path, workers: int = 1, progress_bar: bool = True) -> dict:
+def run_arm(
+    p: Params,
+    arm: str,
+    out_dir: Path,
+    ckpt_root: Path,
+    workers: int = 1,
+    progress_bar: bool = True,
+    cfg: RunConfig | None = None,
+) -> dict:
     """Train and evaluate one arm on every hierarchy and seed, `workers` runs at a time (results do
     not depend on it: every run is single-threaded with its own RNG streams). Writes, atomically as
     one directory, `out_dir/<hierarchy>/seed_<s>/` (the SAE, the ortho arm's pairs.parquet,
-    matching.json: matched latents and per-pair figures); returns metrics/synthetic/<arm>.json."""
+    matching.json: matched latents and per-pair figures); returns metrics/synthetic/<arm>.json.
+    `cfg` (any seed) is the run of a study arm; by default the LM arm `arm`'s (synthetic_run_config)."""
     s = p.synthetic
+    base = replace(cfg, train=s.train) if cfg is not None else synthetic_run_config(p, arm, 0)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    jobs = [(p, arm, h, seed, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}")
+    jobs = [(s, replace(base, seed=seed), h, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}")
             for h in s.hierarchies for seed in s.seeds]  # fmt: skip
-    result: dict = {"arm": arm, "settings": {**settings(p, arm), "workers": workers}, "hierarchies": {}}
+    result: dict = {"arm": arm, "settings": {**settings(s, base), "workers": workers}, "hierarchies": {}}
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"synthetic {arm}", unit="run", disable=not progress_bar)
     if workers <= 1:
@@ -202,15 +215,14 @@ _MODELS: dict = {}  # per process: (synthetic params, hierarchy) -> (model, sour
 
 
 def _one_run(
-    p: Params, arm: str, h: SyntheticHierarchy, seed: int, run_dir: Path, ckpt_dir: Path
+    s: SyntheticParams, cfg: RunConfig, h: SyntheticHierarchy, run_dir: Path, ckpt_dir: Path
 ) -> tuple[dict, dict, np.ndarray]:
     """Train one SAE, evaluate it, write its matching.json; (training metrics, evaluation, pairs)."""
-    s = p.synthetic
     if (s, h) not in _MODELS:
         model = build_model(s, h)
         _MODELS[(s, h)] = (model, SyntheticSource.create(model), parent_child_pairs(model))
     model, source, pairs = _MODELS[(s, h)]
-    metrics = train(synthetic_run_config(p, arm, seed), source, run_dir, ckpt_dir, progress_bar=False)
+    metrics = train(cfg, source, run_dir, ckpt_dir, progress_bar=False)
     ev = evaluate(SAE.load(run_dir), model, pairs, s)
     matching = {
         "feature_latent": ev["matched"],

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from sae_ortho import params as params_mod
 from sae_ortho.data import shuffled_batches
 from sae_ortho.ortho import TauSchedule
-from sae_ortho.penalties import DecoderPenalty, TopKCoactivation
+from sae_ortho.penalties import DecoderPenalty, OrtSAEChunks, RandomPairs, TopKCoactivation
 from sae_ortho.sae import SAE, SAEConfig
 from sae_ortho.shards import ActivationShards
 from sae_ortho.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
@@ -70,10 +70,26 @@ class RunConfig:
     topk_fraction: float = 0.001
     tau_schedule: str = "fixed"
     ortho: params_mod.OrthoParams = field(default_factory=params_mod.OrthoParams)
+    # The study's arms (sae_ortho/study.py); the defaults are the pipeline's two SAEs.
+    penalty: str = "topk"  # topk (co-activation) | random (control) | ortsae (all pairs, random chunks)
+    tau_decay: float = 0.999  # tau_schedule "decay": tau_t = tau * tau_decay**t (the earlier attempt's rule)
+    ortsae_chunk: int = 1024  # ortsae: latents per random chunk
+    matryoshka_prefixes: tuple[int, ...] = ()  # nested prefix sizes (the last = d_sae); () = plain SAE
 
     @property
     def uses_ortho(self) -> bool:
         return self.tau > 0 or self.tau_schedule == "adaptive"
+
+    def make_penalty(self) -> DecoderPenalty | None:
+        if not self.uses_ortho:
+            return None
+        if self.penalty == "topk":
+            return TopKCoactivation(self.topk_fraction)
+        if self.penalty == "random":
+            return RandomPairs(self.topk_fraction, seed=self.seed)
+        if self.penalty == "ortsae":
+            return OrtSAEChunks(self.ortsae_chunk, seed=self.seed)
+        raise ValueError(f"unknown penalty {self.penalty!r} (topk | random | ortsae)")
 
     def fingerprint(self, data_fp: str) -> str:
         return hashlib.sha256(json.dumps([asdict(self), data_fp], sort_keys=True).encode()).hexdigest()
@@ -85,6 +101,18 @@ def run_config(p: params_mod.Params, name: str, seed: int | None = None) -> RunC
     if name == "baseline":
         return RunConfig(train=p.train, seed=seed)
     return RunConfig(p.train, seed, p.tau, p.topk_fraction, p.tau_schedule, p.ortho)
+
+
+def matryoshka_loss(mse: torch.Tensor, xs: torch.Tensor, codes: ActiveCodes, sae: SAE, prefixes) -> torch.Tensor:
+    """Matryoshka objective (Bussmann et al. 2025): each prefix of the latents [0, m) must reconstruct
+    the input on its own; the mean over prefixes (the last is the full SAE, whose error is `mse`).
+    TopK picks the active latents, as for the plain SAE, so L0 is matched exactly across arms."""
+    losses = [mse]
+    for m in prefixes[:-1]:
+        kept = codes.values * (codes.cols < m)
+        x_hat = decode_active(codes.cols, codes.offsets, kept, sae.W_dec) + sae.b_dec
+        losses.append(((xs - x_hat) ** 2).sum(-1).mean() / sae.cfg.d_in)
+    return torch.stack(losses).mean()
 
 
 def snapshot_steps(t: params_mod.TrainParams) -> set[int]:
@@ -177,8 +205,8 @@ class Trainer:
         self.sae = SAE(sae_cfg, seed=cfg.seed)
         self.batches = self.source.stream(t.batch_size, cfg.seed)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=(0.9, 0.999))
-        self.tau = TauSchedule(cfg.tau, cfg.tau_schedule, cfg.ortho.target, cfg.ortho.tau_lr)
-        self.penalty: DecoderPenalty | None = TopKCoactivation(cfg.topk_fraction) if cfg.uses_ortho else None
+        self.tau = TauSchedule(cfg.tau, cfg.tau_schedule, cfg.ortho.target, cfg.ortho.tau_lr, cfg.tau_decay)
+        self.penalty: DecoderPenalty | None = cfg.make_penalty()
         self.step = 0
         self.silent_tokens = torch.zeros(t.d_sae, dtype=torch.long)
         self.pair_log: list[dict[str, np.ndarray]] = []
@@ -243,6 +271,9 @@ class Trainer:
         mse = (err**2).sum(-1).mean() / sae.cfg.d_in
         loss = mse
         parts = {"mse": mse.item()}
+        if self.cfg.matryoshka_prefixes:
+            loss = matryoshka_loss(mse, xs, codes, sae, self.cfg.matryoshka_prefixes)
+            parts["matryoshka"] = loss.item()
         active = codes.values.detach() > 0
         with torch.no_grad():
             self.silent_tokens += len(x)

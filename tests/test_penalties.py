@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sae_ortho.ortho import codes_to_csr, ortho_loss, pair_budget
-from sae_ortho.penalties import RandomPairs, TopKCoactivation
+from sae_ortho.ortho import TauSchedule, codes_to_csr, ortho_loss, pair_budget
+from sae_ortho.penalties import OrtSAEChunks, RandomPairs, TopKCoactivation
 from sae_ortho.sparse_ops import ActiveCodes
 
 
@@ -43,3 +43,39 @@ def test_random_pairs_differ_between_batches():
     f = torch.relu(torch.randn(32, 64))
     a, b = penalty.terms(w, csr_codes(f), 64), penalty.terms(w, csr_codes(f), 64)
     assert not torch.equal(a.pairs.i * 64 + a.pairs.j, b.pairs.i * 64 + b.pairs.j)
+
+
+def test_ortsae_matches_dense_max_cosine_and_autograd():
+    """One chunk covering every latent: the value is mean_i max_{j != i} cos_ij^2 of the dense Gram
+    matrix, and the in-place gradient is autograd's (argmax held fixed)."""
+    gen = torch.Generator().manual_seed(1)
+    d_sae, d_in = 40, 8
+    w = torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=gen), dim=1)
+    w[7] = torch.nn.functional.normalize(w[3] + 0.05 * torch.randn(d_in, generator=gen), dim=0)  # a near-duplicate
+    penalty = OrtSAEChunks(chunk_size=d_sae, seed=0)
+    terms = penalty.terms(w, None, d_sae)
+    gram = w @ w.T - torch.eye(d_sae)
+    dense_value = (gram**2).max(1).values.mean().item()
+    assert terms.value == pytest.approx(dense_value, rel=1e-5)
+    partner = dict(zip(terms.pairs.i.tolist(), terms.pairs.j.tolist(), strict=True))
+    assert partner[3] == 7 and partner[7] == 3 and len(partner) == d_sae
+    w_auto = w.clone().requires_grad_(True)
+    g = w_auto @ w_auto.T
+    (0.3 * (g[terms.pairs.i, terms.pairs.j] ** 2).mean()).backward()
+    grad = torch.zeros_like(w)
+    penalty.add_grad_(grad, w, terms, 0.3)
+    torch.testing.assert_close(grad, w_auto.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_ortsae_chunks_partition_the_latents():
+    w = torch.nn.functional.normalize(torch.randn(100, 8), dim=1)
+    terms = OrtSAEChunks(chunk_size=32, seed=0).terms(w, None, 100)
+    assert sorted(terms.pairs.i.tolist()) == list(range(100))  # every latent once (chunks 32+32+32+4)
+    assert (terms.pairs.i != terms.pairs.j).all()
+
+
+def test_decay_schedule_is_multiplicative():
+    schedule = TauSchedule(0.1, "decay", decay=0.99)
+    for _ in range(10):
+        schedule.update(0.5)
+    assert schedule.tau == pytest.approx(0.1 * 0.99**10)

@@ -214,3 +214,38 @@ def test_train_stage_fails_before_work_on_bad_params(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: params.yaml: tau: must be >= 0, got -1.0"
     assert not Path(tmp_path / "models").exists()
+
+
+def prefix_fvu(sae: SAE, x: torch.Tensor, m: int) -> float:
+    """FVU of the reconstruction from latents [0, m) only."""
+    with torch.no_grad():
+        xs = x * sae.cfg.input_scale
+        f = sae.encode_scaled(xs)
+        f[:, m:] = 0
+        x_hat = f @ sae.W_dec + sae.b_dec
+        return float(((xs - x_hat) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum())
+
+
+def test_matryoshka_prefixes_reconstruct_on_their_own(shards, tmp_path):
+    """The nested objective's point: the first 1/8 of the latents reconstructs far better alone than
+    the same latents of a plain SAE, at the same L0."""
+    _, plain = run(RunConfig(TINY, seed=0), shards, tmp_path, "plain")
+    m_metrics, nested = run(RunConfig(TINY, seed=0, matryoshka_prefixes=(32, 64, 128, 256)), shards, tmp_path, "m")
+    x = shards.load(0).float()
+    assert prefix_fvu(nested, x, 32) < prefix_fvu(plain, x, 32) - 0.1
+    assert m_metrics["fvu"] < 1 and m_metrics["l0"] == pytest.approx(TINY.k, abs=0.5)
+
+
+def decoder_similarity(sae: SAE) -> dict[str, float]:
+    g = sae.W_dec.detach() @ sae.W_dec.detach().T - torch.eye(sae.cfg.d_sae)
+    return {"random": float((g**2).mean()), "ortsae": float(g.abs().max(1).values.mean())}
+
+
+@pytest.mark.parametrize("penalty", ["random", "ortsae"])
+def test_study_penalties_train_and_lower_what_they_target(shards, tmp_path, penalty):
+    """Random pairs target the mean squared cosine over all pairs (each pair equally likely), the
+    OrtSAE-style term each latent's largest cosine: each must lower its own target."""
+    _, base = run(RunConfig(TINY, seed=0), shards, tmp_path, "b")
+    metrics, arm = run(RunConfig(TINY, seed=0, tau=5.0, penalty=penalty, ortsae_chunk=64), shards, tmp_path, "a")
+    assert (tmp_path / "a" / "pairs.parquet").exists() and metrics["fvu"] < 1
+    assert decoder_similarity(arm)[penalty] < 0.9 * decoder_similarity(base)[penalty]

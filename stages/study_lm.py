@@ -1,0 +1,91 @@
+"""Stage `lm_<group>@...` (study/dvc.yaml): one study SAE on the LM's activations, trained and evaluated.
+
+`--group sweep|ablation` trains a cheap SAE (study `sweep_tokens`) of that group's arm; `--group headline
+--seed S` the full-size SAE of a headline arm at SAE seed S (probing included); `--group scaling --tokens N`
+a headline arm at N training tokens. Writes models/study/<group>/<run>/ (SAE, pair log, full evaluation
+records in eval/) and metrics/study/<group>/<run>.json (compact figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sae_ortho import params as params_mod
+from sae_ortho.lm import ModelUnavailableError, load_model
+from sae_ortho.shards import ActivationShards, atomic_write_text
+from sae_ortho.study import arm_spec, load_study_or_exit, run_config_for
+from sae_ortho.study_eval import BrokenSAE, evaluate, pair_stability
+from sae_ortho.train import ACTIVATIONS, NonFiniteLoss, train
+
+MODELS = Path("models/study")
+METRICS = Path("metrics/study")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--group", choices=["sweep", "ablation", "headline", "scaling"], required=True)
+    parser.add_argument("--arm", required=True)
+    parser.add_argument("--seed", type=int, default=None, help="headline: the SAE seed")
+    parser.add_argument("--tokens", type=int, default=None, help="scaling: training tokens")
+    args = parser.parse_args()
+    p = params_mod.load_or_exit()
+    study = load_study_or_exit()
+    spec_group = "headline" if args.group == "scaling" else args.group
+    try:
+        spec = arm_spec(study, spec_group, args.arm)
+        shards = ActivationShards(ACTIVATIONS)
+    except (params_mod.ParamError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    seed = args.seed if args.seed is not None else p.sae_seed
+    tokens = {"sweep": study.sweep_tokens, "ablation": study.sweep_tokens, "headline": p.train.train_tokens}.get(
+        args.group, args.tokens
+    )
+    if tokens is None or tokens < p.train.batch_size:
+        sys.exit(f"error: --tokens must be >= train.batch_size ({p.train.batch_size}), got {tokens}")
+    run = {"headline": f"{args.arm}_s{seed}", "scaling": f"{args.arm}_t{tokens}"}.get(args.group, args.arm)
+    train_params = replace(p.train, train_tokens=tokens, snapshots=0)
+    cfg = run_config_for(spec, p, train_params, seed)
+    try:
+        model = load_model(p.model)  # before training: a missing model fails in seconds, not after it
+    except ModelUnavailableError as err:
+        sys.exit(f"error: {err}")
+    out_dir, ckpt = MODELS / args.group / run, MODELS / args.group / f".ckpt_{run}"
+    t0 = time.perf_counter()
+    try:
+        training = train(cfg, shards, out_dir, ckpt, shards.manifest["model"], shards.manifest["hook_name"])
+    except NonFiniteLoss as err:
+        sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
+    train_seconds = time.perf_counter() - t0
+    torch.set_num_threads(2)
+    try:
+        figures = evaluate(out_dir, p, model, args.group == "headline", study.heldout_contexts)
+    except BrokenSAE as err:
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing DVC could cache from a broken run
+        sys.exit(f"error: {args.group}/{run}: {err}")
+    keep = ("fvu", "l0", "dead_fraction", "tau", "mean_abs_cos", "penalty_overhead", "seconds")
+    metrics = {
+        "arm": args.arm,
+        "seed": seed,
+        "train_tokens": tokens,
+        "settings": {k: v for k, v in spec.__dict__.items() if v is not None},
+        **figures,
+        "train": {k: training[k] for k in keep if k in training},
+        "pair_stability": pair_stability(out_dir, p.train.d_sae),
+        "stage_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(train_seconds, 1),
+    }
+    (METRICS / args.group).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(METRICS / args.group / f"{run}.json", json.dumps(metrics, indent=2, default=list) + "\n")
+    print(json.dumps({k: metrics[k] for k in ("core", "absorption")}))
+
+
+if __name__ == "__main__":
+    main()
