@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -39,7 +39,7 @@ def jaccard_lag(result: dict, path: Path) -> None:
     ax_snap.set(title="Selector on fixed held-out batches, per snapshot", xlabel="lag (steps)", ylabel="mean Jaccard")
     ax_snap.set_ylim(0, None)
     ax_snap.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def persistence(result: dict, path: Path) -> None:
@@ -58,7 +58,7 @@ def persistence(result: dict, path: Path) -> None:
     else:
         ax.text(0.5, 0.5, "no orthogonality pair log", ha="center", va="center")
     ax.set(xlabel="logs in which a pair was kept", ylabel="number of pairs")
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def seed_match(result: dict, path: Path) -> None:
@@ -78,4 +78,4 @@ def seed_match(result: dict, path: Path) -> None:
         ax.text(0.5, 0.5, result.get("cross_seed", {}).get("skipped", "skipped"), ha="center", va="center", wrap=True)
     ax.set(xlabel="decoder cosine threshold", ylabel="fraction of features matched above it", ylim=(0, 1))
     ax.set_title("Features shared across SAE seeds (Hungarian matching)")
-    _save(fig, path)
+    save_png(fig, path)

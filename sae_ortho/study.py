@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,9 @@ from sae_ortho.train import RunConfig
 
 STUDY_PARAMS = Path("study/params.yaml")
 SELECTION = Path("metrics/study/selection.json")
+# The chosen arm's name and settings alone: what derived arms depend on, so editing a sweep arm that
+# does not change the choice reruns the selection but none of the derived arms.
+SELECTED_ARM = Path("metrics/study/selected_arm.json")
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def load_study_or_exit(path: Path | str = STUDY_PARAMS) -> StudyParams:
         raise SystemExit(2) from None
 
 
-def arm_spec(study: StudyParams, group: str, name: str, selection_path: Path = SELECTION) -> Arm:
+def arm_spec(study: StudyParams, group: str, name: str, selection_path: Path = SELECTED_ARM) -> Arm:
     """The arm's settings, with the selected sweep arm underneath when it asks for the selection."""
     arms = getattr(study, group)
     if name not in arms:
@@ -132,8 +135,8 @@ def arm_spec(study: StudyParams, group: str, name: str, selection_path: Path = S
         return arm
     if not selection_path.exists():
         raise FileNotFoundError(f"{selection_path} missing: run the `select` stage first")
-    chosen = json.loads(selection_path.read_text())["selected"]
-    base = study.sweep[chosen]
+    settings = json.loads(selection_path.read_text())["settings"]
+    base = Arm(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     given = {k: v for k, v in arm.__dict__.items() if v is not None and k != "from_selection"}
     defaults = Arm()
     # Only what the arm sets explicitly (differs from the dataclass default) overrides the selected arm.
@@ -210,6 +213,7 @@ def select_arm(study: StudyParams, synthetic: dict[str, dict], lm: dict[str, dic
         chosen = min(table, key=lambda n: table[n]["fvu_increase"])
     return {
         "selected": chosen,
+        "settings": asdict(study.sweep[chosen]),
         "any_admissible": bool(admissible),
         "rule": (
             "lowest mean synthetic absorption among co-activation sweep arms with cheap-LM FVU increase <= "

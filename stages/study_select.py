@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sae_ortho.params import ParamError
 from sae_ortho.shards import atomic_write_text
-from sae_ortho.study import SELECTION, load_study_or_exit, select_arm
+from sae_ortho.study import SELECTED_ARM, SELECTION, load_study_or_exit, select_arm
 
 METRICS = Path("metrics/study")
 
@@ -28,6 +28,8 @@ def main() -> None:
     except ParamError as err:
         sys.exit(f"error: {err}")
     atomic_write_text(SELECTION, json.dumps(selection, indent=2) + "\n")
+    chosen = {k: selection[k] for k in ("selected", "settings")}
+    atomic_write_text(SELECTED_ARM, json.dumps(chosen, indent=2) + "\n")
     print(json.dumps({k: selection[k] for k in ("selected", "any_admissible")}))
 
 

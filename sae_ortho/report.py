@@ -1,0 +1,374 @@
+"""The study's report (stage `report` of study/dvc.yaml): tables, tests between arms, metrics/report.md.
+
+Every figure is read from the study's metrics files (metrics/study/...), which the committed
+study/dvc.lock pins. A difference from the baseline *counts* only when all three hold:
+  1. Welch's t-test across seeds, Holm-corrected over every (arm, primary metric) pair, p < alpha;
+  2. it exceeds the larger of the two arms' seed standard deviations;
+  3. it exceeds the metric's own reseed noise (first-letter: the letter-cache seeds' range; the
+     synthetic benchmark has ground truth and no reseed noise).
+With three seeds, (1) needs a large, consistent effect: the report says so rather than over-reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from sae_ortho.study import StudyParams, holm
+
+METRICS = Path("metrics/study")
+MODELS = Path("models/study")
+
+PRIMARY = ("synthetic_absorption", "first_letter_absorption")
+# Headline figures per arm: key -> (label, lower is better?)
+FIGURES = {
+    "synthetic_absorption": ("synthetic absorption (ground truth, mean of hierarchies)", True),
+    "first_letter_absorption": ("first-letter mean absorption fraction", True),
+    "probing_top_1": ("sparse probing top-1", False),
+    "probing_top_5": ("sparse probing top-5", False),
+    "fvu": ("FVU (held-out)", True),
+    "l0": ("L0", None),
+    "ce_recovered": ("CE loss recovered", False),
+    "train_seconds": ("training seconds", True),
+    "penalty_share": ("penalty share of the step", True),
+    "pair_jaccard_lag1": ("kept-pair Jaccard, lag 1 log", None),
+}
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass
+class StudyResults:
+    study: StudyParams
+    selection: dict
+    sweep: dict[str, dict]  # arm -> {"lm": ..., "synthetic": ...}
+    ablation: dict[str, dict]
+    headline: dict[str, list[dict]]  # arm -> per-seed LM metrics
+    synthetic_headline: dict[str, dict]  # arm -> synthetic metrics (sweep's for baseline / best)
+    scaling: dict[str, dict[int, dict]]  # arm -> tokens -> LM metrics
+
+    @classmethod
+    def load(cls, study: StudyParams, root: Path = METRICS) -> StudyResults:
+        selection = _read(root / "selection.json") or {}
+        chosen = selection.get("selected")
+
+        def group(name: str, arms) -> dict[str, dict]:
+            out = {}
+            for arm in arms:
+                lm, syn = _read(root / name / f"{arm}.json"), _read(root / "synthetic" / name / f"{arm}.json")
+                if lm or syn:
+                    out[arm] = {"lm": lm, "synthetic": syn}
+            return out
+
+        headline = {}
+        for arm in study.headline_arms:
+            runs = [_read(root / "headline" / f"{arm}_s{s}.json") for s in study.headline_seeds]
+            if any(runs):
+                headline[arm] = [r for r in runs if r]
+        synthetic_headline = {}
+        for arm in study.headline_arms:
+            source = {"baseline": "baseline", "best": chosen}.get(arm)
+            path = root / "synthetic" / ("sweep" if source else "headline") / f"{source or arm}.json"
+            if (found := _read(path)) is not None:
+                synthetic_headline[arm] = found
+        scaling: dict[str, dict[int, dict]] = {}
+        for arm in study.scaling_arms:
+            points = {}
+            sweep_arm = {"baseline": "baseline", "best": chosen}.get(arm)
+            if sweep_arm and (m := _read(root / "sweep" / f"{sweep_arm}.json")):
+                points[m["train_tokens"]] = m
+            for tokens in study.scaling_tokens:
+                if m := _read(root / "scaling" / f"{arm}_t{tokens}.json"):
+                    points[tokens] = m
+            if m := _read(root / "headline" / f"{arm}_s{study.headline_seeds[0]}.json"):
+                points[m["train_tokens"]] = m
+            scaling[arm] = dict(sorted(points.items()))
+        return cls(
+            study,
+            selection,
+            group("sweep", study.sweep),
+            group("ablation", study.ablation),
+            headline,
+            synthetic_headline,
+            scaling,
+        )
+
+
+def lm_figures(m: dict) -> dict[str, float | None]:
+    """The per-run LM figures of one metrics file (None where the run has no such figure)."""
+    absorption, probing = m["absorption"], m.get("probing") or {}
+    pairs = m.get("pair_stability") or {}
+    return {
+        "first_letter_absorption": absorption["mean_absorption_fraction"],
+        "first_letter_reseed": absorption["mean_absorption_fraction_reseed_range"],
+        "first_letter_meaningful": absorption["meaningful"],
+        "letters_carried": absorption["letters_carried_by_one_latent"],
+        "probing_top_1": probing.get("top_1"),
+        "probing_top_5": probing.get("top_5"),
+        "fvu": m["core"]["fvu"],
+        "l0": m["core"]["l0"],
+        "ce_recovered": m["core"]["ce_recovered_vs_zero"],
+        "train_seconds": m["train"].get("seconds"),
+        "penalty_share": m["train"].get("penalty_overhead"),
+        "pair_jaccard_lag1": pairs.get("jaccard_lag_1"),
+        "tau_final": m["train"].get("tau"),
+    }
+
+
+def synthetic_per_seed(syn: dict) -> list[float]:
+    """Per training seed: absorption averaged over the hierarchies."""
+    names = [k for k, v in syn.items() if isinstance(v, dict) and "absorption_per_seed" in v]
+    return list(np.mean([syn[n]["absorption_per_seed"] for n in names], axis=0))
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, len(vals)
+
+
+def headline_table(r: StudyResults) -> dict[str, dict[str, dict]]:
+    """arm -> figure -> {mean, std, n, values}: LM figures over SAE seeds, synthetic over its seeds."""
+    table: dict[str, dict[str, dict]] = {}
+    for arm in r.study.headline_arms:
+        row: dict[str, dict] = {}
+        runs = [lm_figures(m) for m in r.headline.get(arm, [])]
+        for key in FIGURES:
+            values = (
+                synthetic_per_seed(r.synthetic_headline[arm])
+                if key == "synthetic_absorption" and arm in r.synthetic_headline
+                else [run.get(key) for run in runs]
+            )
+            if (ms := mean_std(values)) is not None:
+                row[key] = {"mean": ms[0], "std": ms[1], "n": ms[2], "values": [v for v in values if v is not None]}
+        if runs:
+            row["first_letter_meaningful"] = {"all": all(run["first_letter_meaningful"] for run in runs)}
+            row["first_letter_reseed"] = {"mean": float(np.mean([run["first_letter_reseed"] or 0 for run in runs]))}
+            row["letters_carried"] = {"values": [run["letters_carried"] for run in runs]}
+        table[arm] = row
+    return table
+
+
+def comparisons(table: dict[str, dict[str, dict]], alpha: float) -> list[dict]:
+    """Every arm against the baseline on the primary metrics: difference, Welch p, Holm, counts."""
+    base = table.get("baseline", {})
+    rows, p_values = [], {}
+    for arm, row in table.items():
+        if arm == "baseline":
+            continue
+        for metric in PRIMARY:
+            if metric not in row or metric not in base:
+                continue
+            a, b = np.array(row[metric]["values"]), np.array(base[metric]["values"])
+            diff = float(a.mean() - b.mean())
+            p = float(stats.ttest_ind(a, b, equal_var=False).pvalue) if len(a) > 1 and len(b) > 1 else math.nan
+            if metric == "first_letter_absorption":
+                meaningful = row.get("first_letter_meaningful", {}).get("all") and base.get(
+                    "first_letter_meaningful", {}
+                ).get("all")
+                reseed = max(row["first_letter_reseed"]["mean"], base["first_letter_reseed"]["mean"])
+            else:
+                meaningful, reseed = True, 0.0
+            spread = max(row[metric]["std"], base[metric]["std"])
+            key = f"{arm}:{metric}"
+            if meaningful and math.isfinite(p):
+                p_values[key] = p
+            rows.append(
+                {
+                    "key": key,
+                    "arm": arm,
+                    "metric": metric,
+                    "difference": diff,
+                    "relative": diff / b.mean() if b.mean() else math.nan,
+                    "p_welch": p,
+                    "seed_spread": spread,
+                    "reseed_noise": reseed,
+                    "meaningful": bool(meaningful),
+                }
+            )
+    rejected = holm(p_values, alpha) if p_values else {}
+    for row in rows:
+        row["holm_rejects"] = rejected.get(row["key"], False)
+        row["counts"] = bool(
+            row["holm_rejects"]
+            and abs(row["difference"]) > row["seed_spread"]
+            and abs(row["difference"]) > row["reseed_noise"]
+        )
+    return rows
+
+
+def efficiency(table: dict[str, dict[str, dict]]) -> dict[str, float | None]:
+    """Absorption reduction efficiency: synthetic absorption removed (vs the baseline) per unit of
+    relative FVU increase; None where the arm costs nothing measurable or a figure is missing."""
+    base = table.get("baseline", {})
+    out = {}
+    for arm, row in table.items():
+        if arm == "baseline" or "synthetic_absorption" not in row or "fvu" not in row or "fvu" not in base:
+            continue
+        reduction = base["synthetic_absorption"]["mean"] - row["synthetic_absorption"]["mean"]
+        cost = (row["fvu"]["mean"] - base["fvu"]["mean"]) / base["fvu"]["mean"]
+        out[arm] = reduction / cost if cost > 1e-4 else None
+    return out
+
+
+def fmt(cell: dict | None, digits: int = 4) -> str:
+    if not cell or "mean" not in cell:
+        return "n/a"
+    if cell.get("n", 1) > 1 and math.isfinite(cell.get("std", math.nan)):
+        return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f}"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return [_row(head), _row(["---"] * len(head)), *(_row(r) for r in rows)]
+
+
+def _num(v, digits: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def headline_json(r: StudyResults) -> dict:
+    """Compact headline figures (mean over seeds) per arm: the first metrics `dvc exp show` lists."""
+    table = headline_table(r)
+    keys = ("synthetic_absorption", "first_letter_absorption", "probing_top_1", "probing_top_5", "fvu", "ce_recovered")
+    return {arm: {k: round(row[k]["mean"], 5) for k in keys if k in row} for arm, row in table.items()}
+
+
+def render(r: StudyResults, plots: list[str]) -> str:
+    """metrics/report.md."""
+    s, table = r.study, headline_table(r)
+    out = [
+        "# The study: report",
+        "",
+        "Generated by the `report` stage of study/dvc.yaml from metrics/study/ (pinned by study/dvc.lock).",
+        "",
+    ]
+    sel = r.selection
+    out += [
+        "## Selection (rule declared in study/params.yaml before the headline runs)",
+        "",
+        f"Rule: {sel.get('rule', 'n/a')}.",
+        "",
+    ]
+    if sel:
+        out += [
+            f"Selected: **{sel['selected']}** (any admissible: {sel['any_admissible']}; "
+            f"baseline synthetic absorption {_num(sel['baseline_synthetic_absorption'])}).",
+            "",
+        ]
+        out += _table(
+            ["arm", "synthetic absorption", "cheap-LM FVU increase", "CE-recovered drop", "admissible"],
+            [
+                [
+                    a,
+                    _num(c["synthetic_absorption"]),
+                    _num(c["fvu_increase"]),
+                    _num(c["ce_recovered_drop"]),
+                    str(c["admissible"]),
+                ]
+                for a, c in sel["candidates"].items()
+            ],
+        ) + [""]
+    out += [f"## Sweep (cheap LM SAEs: {s.sweep_tokens:,} tokens; synthetic: the default benchmark)", ""]
+    rows = []
+    for arm, pair in {**r.sweep, **{f"ablation {k}": v for k, v in r.ablation.items()}}.items():
+        lm, syn = pair.get("lm"), pair.get("synthetic")
+        f = lm_figures(lm) if lm else {}
+        rows.append(
+            [
+                arm,
+                _num(float(np.mean(synthetic_per_seed(syn)))) if syn else "n/a",
+                _num(f.get("fvu")),
+                _num(f.get("ce_recovered")),
+                (_num(f.get("first_letter_absorption")) + ("" if f.get("first_letter_meaningful") else " (nm)"))
+                if lm
+                else "n/a",
+                _num(f.get("tau_final"), 3),
+                _num(f.get("pair_jaccard_lag1"), 3),
+                _num(f.get("penalty_share"), 3),
+            ]
+        )
+    out += _table(
+        [
+            "arm",
+            "synthetic absorption",
+            "FVU",
+            "CE recovered",
+            "first-letter absorption",
+            "final tau",
+            "pair Jaccard lag 1",
+            "penalty share",
+        ],
+        rows,
+    )
+    out += ["", "(nm): fewer than absorption.min_carried_letters letters carried by one latent: not meaningful.", ""]
+    out += [f"## Headline ({len(s.headline_seeds)} SAE seeds, full size; mean ± sd over seeds)", ""]
+    keys = list(FIGURES)
+    rows = [[arm, *(fmt(table[arm].get(k), 3 if k in ("train_seconds",) else 4) for k in keys)] for arm in table]
+    out += _table(["arm", *(FIGURES[k][0] for k in keys)], rows)
+    carried = {arm: table[arm].get("letters_carried", {}).get("values") for arm in table}
+    out += [
+        "",
+        "Letters carried by one latent per seed (first-letter figures count only where every seed reaches the bar): "
+        + "; ".join(f"{a} {v}" for a, v in carried.items() if v),
+        "",
+    ]
+    eff = efficiency(table)
+    if eff:
+        out += [
+            "Absorption reduction efficiency (synthetic absorption removed per unit of relative FVU increase): "
+            + "; ".join(f"{a} {_num(v, 3)}" for a, v in eff.items()),
+            "",
+        ]
+    comps = comparisons(table, s.alpha)
+    out += [
+        "## Which differences from the baseline count",
+        "",
+        f"Welch t-test across seeds, Holm-corrected over every (arm, primary metric) pair at alpha {s.alpha}; "
+        "a difference counts only if Holm rejects AND it exceeds the larger seed sd AND the metric's reseed noise.",
+        "",
+    ]
+    out += _table(
+        ["arm", "metric", "difference", "relative", "p (Welch)", "Holm rejects", "seed sd", "reseed noise", "counts"],
+        [
+            [
+                c["arm"],
+                c["metric"],
+                _num(c["difference"]),
+                _num(c["relative"], 3),
+                _num(c["p_welch"], 4),
+                str(c["holm_rejects"]),
+                _num(c["seed_spread"]),
+                _num(c["reseed_noise"]),
+                ("**yes**" if c["counts"] else "no") if c["meaningful"] else "not meaningful",
+            ]
+            for c in comps
+        ],
+    )
+    out += ["", "## Absorption against training tokens", ""]
+    rows = [
+        [
+            arm,
+            f"{t:,}",
+            _num(m["absorption"]["mean_absorption_fraction"]),
+            str(m["absorption"]["meaningful"]),
+            _num(m["core"]["fvu"]),
+        ]
+        for arm, points in r.scaling.items()
+        for t, m in points.items()
+    ]
+    out += _table(["arm", "tokens", "first-letter absorption", "meaningful", "FVU"], rows)
+    out += ["", "## Plots", ""] + [f"![{p}](study/plots/{p})" for p in plots] + [""]
+    return "\n".join(out)

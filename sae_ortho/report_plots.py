@@ -1,0 +1,157 @@
+"""The study's plots (PNG, matplotlib Agg): one function per figure of metrics/report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sae_ortho.plots import plt, save_png
+from sae_ortho.report import MODELS, StudyResults, lm_figures, synthetic_per_seed
+
+
+def _schedule(settings: dict) -> str:
+    if settings.get("penalty") == "none":
+        return "baseline"
+    return settings.get("schedule") or "fixed"
+
+
+def absorption_vs_tau(r: StudyResults, path: Path) -> None:
+    """Synthetic (ground-truth) and first-letter absorption of the sweep arms against tau, per
+    schedule; adaptive and decaying arms sit at their final tau. The baseline is a horizontal line."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (
+        ("synthetic", "synthetic absorption (mean of hierarchies)"),
+        ("lm", "first-letter absorption (cheap SAEs)"),
+    )
+    for ax, (source, label) in zip(axes, panels, strict=True):
+        by_schedule: dict[str, list[tuple[float, float]]] = {}
+        for pair in r.sweep.values():
+            if not pair.get("lm") or not pair.get(source):
+                continue
+            m = pair["lm"]
+            y = (
+                float(np.mean(synthetic_per_seed(pair["synthetic"])))
+                if source == "synthetic"
+                else m["absorption"]["mean_absorption_fraction"]
+            )
+            schedule = _schedule(m["settings"])
+            if schedule == "baseline":
+                ax.axhline(y, color="gray", ls="--", label="baseline")
+                continue
+            tau = m["settings"]["tau"] if schedule == "fixed" else m["train"]["tau"]
+            by_schedule.setdefault(schedule, []).append((tau, y))
+        for schedule, points in sorted(by_schedule.items()):
+            points.sort()
+            ax.plot(*zip(*points, strict=True), "o-" if schedule == "fixed" else "s", label=schedule, ms=7)
+        ax.set(xscale="log", xlabel="tau (adaptive / decay: final tau)", ylabel=label, title=label)
+        ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def absorption_vs_fvu(r: StudyResults, path: Path) -> None:
+    """The trade-off frontier: every arm's absorption against its FVU, on the synthetic benchmark
+    (all arms) and on the LM (headline arms, mean +- std over seeds)."""
+    fig, (ax_syn, ax_lm) = plt.subplots(1, 2, figsize=(11, 4.5))
+    synthetic = {f"sweep:{a}": p["synthetic"] for a, p in r.sweep.items() if p.get("synthetic")}
+    synthetic |= {f"ablation:{a}": p["synthetic"] for a, p in r.ablation.items() if p.get("synthetic")}
+    synthetic |= {f"headline:{a}": s for a, s in r.synthetic_headline.items() if a not in ("baseline", "best")}
+    for name, syn in synthetic.items():
+        names = [k for k, v in syn.items() if isinstance(v, dict) and "explained_variance" in v]
+        fvu = 1 - float(np.mean([syn[n]["explained_variance"] for n in names]))
+        y = float(np.mean(synthetic_per_seed(syn)))
+        ax_syn.plot(fvu, y, "o", color="C1" if name.startswith("headline") else "C0")
+        ax_syn.annotate(name.split(":")[1], (fvu, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax_syn.set(xlabel="FVU (synthetic, evaluation samples)", ylabel="synthetic absorption", title="Synthetic benchmark")
+    for arm, runs in r.headline.items():
+        figs = [lm_figures(m) for m in runs]
+        x, y = [f["fvu"] for f in figs], [f["first_letter_absorption"] for f in figs]
+        ax_lm.errorbar(np.mean(x), np.mean(y), xerr=np.std(x), yerr=np.std(y), fmt="o", capsize=3, label=arm)
+    ax_lm.set(xlabel="FVU (held-out)", ylabel="first-letter absorption", title="LM, headline arms (mean ± sd)")
+    if r.headline:
+        ax_lm.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def probing_vs_k(r: StudyResults, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, runs in r.headline.items():
+        ks = sorted(int(k.split("_")[1]) for k in runs[0].get("probing", {}))
+        if not ks:
+            continue
+        acc = np.array([[m["probing"][f"top_{k}"] for k in ks] for m in runs])
+        ax.errorbar(ks, acc.mean(0), yerr=acc.std(0), marker="o", capsize=3, label=arm)
+    ax.set(xscale="log", xlabel="k (latents per probe)", ylabel="test accuracy (mean of tasks)")
+    ax.set_title("SAEBench sparse probing, headline arms")
+    ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def jaccard_vs_lag(r: StudyResults, path: Path) -> None:
+    """Kept-pair Jaccard against lag (in logged steps) from the headline runs' pair logs, with the
+    degree-preserving null, for the arms that log pairs."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in r.study.headline_arms:
+        curve_file = MODELS / "headline" / f"{arm}_s{r.study.headline_seeds[0]}" / "eval" / "pairs.json"
+        if not curve_file.exists():
+            continue
+        curve = json.loads(curve_file.read_text())["curve"]
+        (line,) = ax.plot(curve["lag"], curve["jaccard"], "o-", label=arm)
+        ax.plot(curve["lag"], curve["null"], "--", color=line.get_color(), alpha=0.6, label=f"{arm} null")
+    ax.set(xscale="log", xlabel="lag (logs of the pair set)", ylabel="mean Jaccard", ylim=(0, None))
+    ax.set_title("Penalised pair sets over training (seed 0)")
+    ax.legend(fontsize=8)
+    save_png(fig, path)
+
+
+def topk_ablation(r: StudyResults, path: Path) -> None:
+    """Synthetic absorption and cheap-LM FVU against the top-k fraction at the selected setting."""
+    chosen = r.selection.get("selected")
+    points = []
+    for pair in [*r.ablation.values(), r.sweep.get(chosen, {})]:
+        if pair.get("lm") and pair.get("synthetic"):
+            s = pair["lm"]["settings"]
+            fraction = s.get("topk_fraction") or 0.001
+            points.append((fraction, float(np.mean(synthetic_per_seed(pair["synthetic"]))), pair["lm"]["core"]["fvu"]))
+    fig, (ax_a, ax_f) = plt.subplots(1, 2, figsize=(10, 4))
+    if points:
+        points.sort()
+        x, a, f = zip(*points, strict=True)
+        ax_a.plot(x, a, "o-")
+        ax_f.plot(x, f, "o-")
+    base = r.sweep.get("baseline", {})
+    if base.get("synthetic"):
+        ax_a.axhline(float(np.mean(synthetic_per_seed(base["synthetic"]))), color="gray", ls="--", label="baseline")
+        ax_a.legend(fontsize=8)
+    if base.get("lm"):
+        ax_f.axhline(base["lm"]["core"]["fvu"], color="gray", ls="--", label="baseline")
+        ax_f.legend(fontsize=8)
+    ax_a.set(xscale="log", xlabel="top-k fraction of pairs", ylabel="synthetic absorption", title=f"at {chosen}")
+    ax_f.set(xscale="log", xlabel="top-k fraction of pairs", ylabel="FVU (cheap LM SAE)", title=f"at {chosen}")
+    save_png(fig, path)
+
+
+def absorption_vs_tokens(r: StudyResults, path: Path) -> None:
+    fig, (ax_a, ax_f) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, points in r.scaling.items():
+        if not points:
+            continue
+        tokens = list(points)
+        ax_a.plot(tokens, [points[t]["absorption"]["mean_absorption_fraction"] for t in tokens], "o-", label=arm)
+        ax_f.plot(tokens, [points[t]["core"]["fvu"] for t in tokens], "o-", label=arm)
+    ax_a.set(xscale="log", xlabel="training tokens", ylabel="first-letter absorption", title="Absorption vs tokens")
+    ax_f.set(xscale="log", xlabel="training tokens", ylabel="FVU (held-out)", title="FVU vs tokens")
+    ax_a.legend(fontsize=8)
+    ax_f.legend(fontsize=8)
+    save_png(fig, path)
+
+
+PLOTS = {
+    "absorption_vs_tau.png": absorption_vs_tau,
+    "absorption_vs_fvu.png": absorption_vs_fvu,
+    "probing_vs_k.png": probing_vs_k,
+    "jaccard_vs_lag.png": jaccard_vs_lag,
+    "topk_ablation.png": topk_ablation,
+    "absorption_vs_tokens.png": absorption_vs_tokens,
+}

@@ -1,0 +1,32 @@
+"""Stage `report` (study/dvc.yaml): metrics/report.md, the study's plots (metrics/study/plots/) and the
+compact headline metrics (metrics/study_headline.json), from the study's metrics (library: sae_ortho/report*.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sae_ortho.report import StudyResults, comparisons, headline_json, headline_table, render
+from sae_ortho.report_plots import PLOTS
+from sae_ortho.shards import atomic_write_text
+from sae_ortho.study import load_study_or_exit
+
+REPORT = Path("metrics/report.md")
+PLOTS_DIR = Path("metrics/study/plots")
+HEADLINE = Path("metrics/study_headline.json")
+
+
+def main() -> None:
+    study = load_study_or_exit()
+    results = StudyResults.load(study)
+    for name, plot in PLOTS.items():
+        plot(results, PLOTS_DIR / name)
+    atomic_write_text(REPORT, render(results, list(PLOTS)) + "\n")
+    headline = headline_json(results)
+    counted = [c["key"] for c in comparisons(headline_table(results), study.alpha) if c["counts"]]
+    atomic_write_text(HEADLINE, json.dumps({**headline, "differences_that_count": counted}, indent=2) + "\n")
+    print(REPORT.read_text())
+
+
+if __name__ == "__main__":
+    main()

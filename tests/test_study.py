@@ -1,0 +1,114 @@
+"""The study's logic without training: arm resolution, the selection rule, Holm, which differences count."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from sae_ortho.params import ParamError, Params, TrainParams
+from sae_ortho.report import comparisons
+from sae_ortho.study import Arm, Selection, StudyParams, arm_spec, holm, run_config_for, select_arm
+
+SWEEP = {
+    "baseline": Arm(penalty="none"),
+    "fixed_1": Arm(tau=1.0),
+    "fixed_10": Arm(tau=10.0),
+    "adaptive": Arm(schedule="adaptive", tau=0.1, target=0.05),
+}
+HEADLINE = {
+    "baseline": Arm(penalty="none"),
+    "best": Arm(from_selection=True),
+    "control": Arm(from_selection=True, penalty="random"),
+}
+
+
+def study(**kw) -> StudyParams:
+    s = StudyParams(sweep=SWEEP, headline=HEADLINE, headline_arms=("baseline", "best", "control"),
+                    synthetic_extra=("control",), scaling_arms=("baseline",), **kw)  # fmt: skip
+    s.validate()
+    return s
+
+
+def lm(fvu: float, ce: float) -> dict:
+    return {"core": {"fvu": fvu, "ce_recovered_vs_zero": ce}}
+
+
+def test_selection_takes_lowest_absorption_within_the_cost_bounds():
+    synthetic = {"baseline": 0.5, "fixed_1": 0.45, "fixed_10": 0.30, "adaptive": 0.40}
+    synthetic = {k: {"absorption_mean": v} for k, v in synthetic.items()}
+    costs = {
+        "baseline": lm(0.10, 0.98),
+        "fixed_1": lm(0.101, 0.979),
+        "fixed_10": lm(0.125, 0.97),
+        "adaptive": lm(0.105, 0.975),
+    }
+    chosen = select_arm(study(), synthetic, costs)
+    # fixed_10 absorbs least but costs 25% FVU (bound 10%): the adaptive arm wins.
+    assert chosen["selected"] == "adaptive" and chosen["any_admissible"]
+    assert not chosen["candidates"]["fixed_10"]["admissible"] and "baseline" not in chosen["candidates"]
+    strict = study(selection=Selection(max_fvu_increase=0.001, max_ce_drop=0.0))
+    none_ok = select_arm(strict, synthetic, costs)
+    assert not none_ok["any_admissible"] and none_ok["selected"] == "fixed_1"  # the cheapest candidate
+
+
+def test_arms_from_the_selection_override_only_what_they_set(tmp_path):
+    path = tmp_path / "selection.json"
+    path.write_text(json.dumps({"selected": "adaptive", "settings": asdict(SWEEP["adaptive"])}))
+    s = study()
+    control = arm_spec(s, "headline", "control", path)
+    assert (control.penalty, control.schedule, control.tau, control.target) == ("random", "adaptive", 0.1, 0.05)
+    cfg = run_config_for(control, Params(), TrainParams(d_sae=64), seed=3)
+    assert cfg.penalty == "random" and cfg.tau_schedule == "adaptive" and cfg.ortho.target == 0.05 and cfg.seed == 3
+    base = run_config_for(arm_spec(s, "headline", "baseline", path), Params(), TrainParams(d_sae=64), 0)
+    assert not base.uses_ortho and base.tau == 0
+    with pytest.raises(FileNotFoundError):
+        arm_spec(s, "headline", "best", tmp_path / "missing.json")
+    with pytest.raises(ParamError):
+        arm_spec(s, "headline", "nope", path)
+
+
+def test_matryoshka_fractions_become_prefix_sizes():
+    cfg = run_config_for(Arm(penalty="none", matryoshka=(0.25, 0.5, 1.0)), Params(), TrainParams(d_sae=64), 0)
+    assert cfg.matryoshka_prefixes == (16, 32, 64) and not cfg.uses_ortho
+    with pytest.raises(ParamError, match="matryoshka"):
+        Arm(matryoshka=(0.5, 0.25)).validate("headline.m")
+
+
+def test_holm_step_down():
+    # Sorted p: 0.001 <= 0.05/3, 0.02 <= 0.05/2, 0.04 <= 0.05/1: all rejected.
+    assert holm({"a": 0.02, "b": 0.001, "c": 0.04}, 0.05) == {"a": True, "b": True, "c": True}
+    # 0.026 > 0.05/2 stops the procedure: it and every larger p are kept (0.03 <= 0.05/1 notwithstanding).
+    assert holm({"a": 0.03, "b": 0.001, "c": 0.026}, 0.05) == {"b": True, "a": False, "c": False}
+
+
+def cell(values):
+    import numpy as np
+
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "n": len(values), "values": values}
+
+
+def test_a_planted_difference_counts_and_noise_does_not():
+    table = {
+        "baseline": {"synthetic_absorption": cell([0.50, 0.51, 0.49])},
+        "planted": {"synthetic_absorption": cell([0.30, 0.31, 0.29])},  # 20 points lower, tight seeds
+        "noisy": {"synthetic_absorption": cell([0.35, 0.62, 0.50])},  # lower mean, seed spread larger than it
+    }
+    rows = {r["arm"]: r for r in comparisons(table, alpha=0.05)}
+    assert rows["planted"]["counts"] and rows["planted"]["difference"] == pytest.approx(-0.2)
+    assert not rows["noisy"]["counts"]
+
+
+def test_first_letter_difference_needs_meaningful_figures_and_to_beat_reseed_noise():
+    def row(values, meaningful, reseed):
+        return {
+            "first_letter_absorption": cell(values),
+            "first_letter_meaningful": {"all": meaningful},
+            "first_letter_reseed": {"mean": reseed},
+        }
+
+    table = {"baseline": row([0.10, 0.101, 0.099], True, 0.002), "arm": row([0.05, 0.051, 0.049], True, 0.002)}
+    assert comparisons(table, 0.05)[0]["counts"]
+    table["arm"] = row([0.05, 0.051, 0.049], True, 0.08)  # the letter cache's reseeds move it more than the arm
+    assert not comparisons(table, 0.05)[0]["counts"]
+    table["arm"] = row([0.05, 0.051, 0.049], False, 0.002)
+    assert not comparisons(table, 0.05)[0]["meaningful"]
