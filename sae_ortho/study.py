@@ -33,17 +33,23 @@ class Arm:
     """One arm. `penalty: none` (or tau 0 with a fixed schedule) is the plain SAE."""
 
     penalty: Literal["none", "topk", "random", "ortsae"] = "topk"
-    tau: float | None = None  # None: the selected arm's (from_selection) or the default's
+    tau: float | None = None  # required unless penalty none or from_selection (the selected arm's)
     schedule: Literal["fixed", "adaptive", "decay"] | None = None
     target: float | None = None  # adaptive: wanted mean |cos| of the kept pairs
     decay: float | None = None  # decay: tau_t = tau * decay**t
-    topk_fraction: float | None = None
+    topk_fraction: float | None = None  # None: the study's `topk_fraction`
     chunk: int = 1024  # ortsae: latents per random chunk
     matryoshka: tuple[float, ...] = ()  # nested prefix sizes as fractions of d_sae (the last 1.0)
     from_selection: bool = False
 
     def validate(self, where: str) -> None:
         _check(self.tau is None or self.tau >= 0, f"{where}.tau", "must be >= 0")
+        # Explicit, so no study arm reads the default pipeline's `tau` (`dvc exp run -S tau=...` is the default's).
+        _check(
+            self.tau is not None or self.penalty == "none" or self.from_selection,
+            f"{where}.tau",
+            "must be given (unless penalty is none or the arm takes the selection's)",
+        )
         _check(self.target is None or 0 <= self.target <= 1, f"{where}.target", "must be in [0, 1]")
         _check(self.decay is None or 0 < self.decay <= 1, f"{where}.decay", "must be in (0, 1]")
         _check(self.topk_fraction is None or 0 < self.topk_fraction <= 1, f"{where}.topk_fraction", "must be in (0, 1]")
@@ -74,6 +80,7 @@ class Selection:
 @dataclass(frozen=True)
 class StudyParams:
     sweep_tokens: int = 250_000  # cheap LM SAEs of the sweeps and the ablation
+    topk_fraction: float = 0.001  # arms that do not give their own
     scaling_tokens: tuple[int, ...] = (500_000,)  # extra points of absorption against tokens
     headline_seeds: tuple[int, ...] = (0, 1, 2)
     headline_arms: tuple[str, ...] = ("baseline", "best", "control", "matryoshka", "ortsae")
@@ -89,6 +96,7 @@ class StudyParams:
     def validate(self) -> None:
         _check(self.sweep_tokens >= 1, "sweep_tokens", "must be >= 1")
         _check(self.heldout_contexts >= 1, "heldout_contexts", "must be >= 1")
+        _check(0 < self.topk_fraction <= 1, "topk_fraction", "must be in (0, 1]")
         _check(len(self.headline_seeds) >= 1, "headline_seeds", "needs at least one seed")
         _check(len(set(self.headline_seeds)) == len(self.headline_seeds), "headline_seeds", "must be distinct")
         _check("baseline" in self.sweep, "sweep", "needs a `baseline` arm (the cost reference)")
@@ -144,21 +152,22 @@ def arm_spec(study: StudyParams, group: str, name: str, selection_path: Path = S
     return replace(base, **overrides)
 
 
-def run_config_for(arm: Arm, p: Params, train: TrainParams, seed: int) -> RunConfig:
-    """The trainer's RunConfig for an arm on `train` (the LM's or the synthetic settings)."""
+def run_config_for(arm: Arm, p: Params, train: TrainParams, seed: int, topk_fraction: float = 0.001) -> RunConfig:
+    """The trainer's RunConfig for an arm on `train` (the LM's or the synthetic settings); `p` gives
+    `ortho` (adaptive step, default target, pair-log interval), never `tau` or `topk_fraction`."""
     ortho = OrthoParams(
         target=arm.target if arm.target is not None else p.ortho.target,
         tau_lr=p.ortho.tau_lr,
         log_pairs_every=p.ortho.log_pairs_every,
     )
-    tau = 0.0 if arm.penalty == "none" else (arm.tau if arm.tau is not None else p.tau)
+    tau = 0.0 if arm.penalty == "none" else float(arm.tau)
     schedule = arm.schedule or "fixed"
     prefixes = tuple(max(1, round(f * train.d_sae)) for f in arm.matryoshka)
     return RunConfig(
         train=train,
         seed=seed,
         tau=tau,
-        topk_fraction=arm.topk_fraction if arm.topk_fraction is not None else p.topk_fraction,
+        topk_fraction=arm.topk_fraction if arm.topk_fraction is not None else topk_fraction,
         tau_schedule=schedule if arm.penalty != "none" else "fixed",
         ortho=ortho,
         penalty=arm.penalty if arm.penalty != "none" else "topk",

@@ -52,7 +52,7 @@ def main() -> None:
         sys.exit(f"error: --tokens must be >= train.batch_size ({p.train.batch_size}), got {tokens}")
     run = {"headline": f"{args.arm}_s{seed}", "scaling": f"{args.arm}_t{tokens}"}.get(args.group, args.arm)
     train_params = replace(p.train, train_tokens=tokens, snapshots=0)
-    cfg = run_config_for(spec, p, train_params, seed)
+    cfg = run_config_for(spec, p, train_params, seed, study.topk_fraction)
     try:
         model = load_model(p.model)  # before training: a missing model fails in seconds, not after it
     except ModelUnavailableError as err:

@@ -52,7 +52,7 @@ def main() -> None:
         spec = arm_spec(study, args.group, args.arm)
     except (params_mod.ParamError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    cfg = run_config_for(spec, p, p.synthetic.train, p.synthetic.seeds[0])
+    cfg = run_config_for(spec, p, p.synthetic.train, p.synthetic.seeds[0], study.topk_fraction)
     out_dir = MODELS / args.group / args.arm
     ckpt = Path("models/study") / f".ckpt_synthetic_{args.group}_{args.arm}"
     full = run_arm(p, args.arm, out_dir, ckpt, workers=min(2, os.cpu_count() or 1), cfg=cfg)

@@ -71,7 +71,9 @@ def test_matryoshka_fractions_become_prefix_sizes():
     cfg = run_config_for(Arm(penalty="none", matryoshka=(0.25, 0.5, 1.0)), Params(), TrainParams(d_sae=64), 0)
     assert cfg.matryoshka_prefixes == (16, 32, 64) and not cfg.uses_ortho
     with pytest.raises(ParamError, match="matryoshka"):
-        Arm(matryoshka=(0.5, 0.25)).validate("headline.m")
+        Arm(penalty="none", matryoshka=(0.5, 0.25)).validate("headline.m")
+    with pytest.raises(ParamError, match="tau"):
+        Arm(penalty="ortsae").validate("headline.o")
 
 
 def test_holm_step_down():
