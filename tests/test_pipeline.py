@@ -90,7 +90,7 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert (repo_copy / "data/corpus.parquet").exists()
     assert len(list((repo_copy / "data/probing").glob("*.parquet"))) >= 5
 
-    status = run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy)
+    status = run([sys.executable, "-m", "dvc", "status", "dvc.yaml", "--json"], repo_copy)
     assert json.loads(status.stdout) == {}
     again = run([sys.executable, "-m", "dvc", "repro"], repo_copy)
     assert "Running stage" not in again.stdout
@@ -131,7 +131,7 @@ def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["tau"] = params["tau"] + 0.05
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
+    status = json.loads(run([sys.executable, "-m", "dvc", "status", "dvc.yaml", "--json"], repo_copy).stdout)
     assert set(status) == {"train", "synthetic_ortho"}, status  # its evaluations rerun: models/ortho changes
     # efficiency@ortho reruns because its inputs' `seconds` fields changed, never the baseline's stages.
     expected = [
@@ -175,6 +175,120 @@ def test_stability_params_rerun_only_stability_and_extra_seeds_train_both_arms(r
         assert {"null_rotation", "null_covariance", "kept_pair_overlap"} <= set(entry)
 
 
-def reproduced(repo: Path) -> list[str]:
-    code = "from dvc.repo import Repo; print(sorted(s.addressing for s in Repo('.').reproduce()))"
+TINY_STUDY = {
+    "sweep_tokens": 128 * 6,
+    "scaling_tokens": [128 * 9],
+    "headline_seeds": [0],
+    "heldout_contexts": 3,
+    "sweep": {
+        "baseline": {"penalty": "none"},
+        "fixed_1e1": {"tau": 10.0},
+        "adaptive_3e-2": {"schedule": "adaptive", "tau": 0.1, "target": 0.03},
+    },
+    "ablation": {"frac_1e-2": {"from_selection": True, "topk_fraction": 0.01}},
+}
+
+
+def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
+    """`make study`'s command on tiny settings: every stage runs on the default's cached outputs, the
+    report and its plots appear, every headline SAE passes the science checks; editing one sweep arm
+    that the selection does not pick reruns that arm and the selection/report only."""
+    study = yaml.safe_load((repo_copy / "study/params.yaml").read_text()) | TINY_STUDY
+    (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    ran = reproduced(repo_copy, "study/dvc.yaml")
+    assert "study/dvc.yaml:report" in ran and len(ran) == 3 * 2 + 1 + 2 + 3 + 5 + 2 + 1, ran
+    status = run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy)
+    assert json.loads(status.stdout) == {}
+    for arm in study["headline_arms"]:
+        m = json.loads((repo_copy / f"metrics/study/headline/{arm}_s0.json").read_text())
+        assert 0 < m["core"]["fvu"] < 1 and m["core"]["l0"] == pytest.approx(8, abs=0.5), m
+        assert 0.5 < m["probing"]["top_5"] <= 1, m
+    best = json.loads((repo_copy / "metrics/study/headline/best_s0.json").read_text())
+    chosen = json.loads((repo_copy / "metrics/study/selected_arm.json").read_text())
+    assert best["settings"]["tau"] == chosen["settings"]["tau"] and best["train"]["penalty_overhead"] > 0
+    control = json.loads((repo_copy / "metrics/study/headline/control_s0.json").read_text())
+    assert control["settings"]["penalty"] == "random" and control["pair_stability"] is not None
+    report = (repo_copy / "metrics/report.md").read_text()
+    assert f"Selected: **{chosen['selected']}**" in report and "Which differences" in report
+    for png in ("absorption_vs_tau", "absorption_vs_fvu", "probing_vs_k", "jaccard_vs_lag", "topk_ablation"):
+        assert (repo_copy / f"metrics/study/plots/{png}.png").stat().st_size > 5000, png
+    headline = json.loads((repo_copy / "metrics/study_headline.json").read_text())
+    assert set(study["headline_arms"]) <= set(headline)
+    # Edit the arm the rule did not pick: it reruns with the selection and the report, nothing derived.
+    other = next(a for a in ("fixed_1e1", "adaptive_3e-2") if a != chosen["selected"])
+    study["sweep"][other]["tau"] = study["sweep"][other]["tau"] * 2
+    (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    again = reproduced(repo_copy, "study/dvc.yaml")
+    expected = {f"study/dvc.yaml:{s}@{other}" for s in ("synthetic_sweep", "lm_sweep")} | {
+        "study/dvc.yaml:select",
+        "study/dvc.yaml:report",
+    }
+    if json.loads((repo_copy / "metrics/study/selected_arm.json").read_text()) == chosen:
+        assert set(again) == expected, again
+
+
+def test_exp_run_set_tau_makes_an_experiment_that_metrics_diff_shows(repo_copy):
+    """`dvc exp run -S tau=...` exactly as README types it: an experiment whose ortho metrics differ
+    from the workspace's, shown by `dvc metrics diff` against it; the study is not rerun."""
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "commit", "-qm", "study done"], repo_copy)
+    before = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
+    tau = yaml.safe_load((repo_copy / "params.yaml").read_text())["tau"] * 40
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "bigtau", "-S", f"tau={tau}"], repo_copy)
+    assert "study/dvc.yaml" not in out.stdout
+    after = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
+    assert after["tau"] == pytest.approx(tau) and after["fvu"] != before["fvu"]
+    diff = run([sys.executable, "-m", "dvc", "metrics", "diff", "HEAD", "--json"], repo_copy)
+    changed = json.loads(diff.stdout)
+    assert "metrics/train/ortho.json" in changed and "fvu" in changed["metrics/train/ortho.json"], changed
+    assert "metrics/train/baseline.json" not in changed  # the baseline did not rerun
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy)
+    assert "bigtau" in shown.stdout
+
+
+def reproduced(repo: Path, target: str = "dvc.yaml") -> list[str]:
+    code = f"from dvc.repo import Repo; print(sorted(s.addressing for s in Repo('.').reproduce('{target}')))"
     return ast.literal_eval(run([sys.executable, "-c", code], repo).stdout.strip().splitlines()[-1])
+
+
+def test_plots_page_is_offline_and_its_specs_render(repo_copy, tmp_path):
+    """`dvc plots show` uses the committed offline template (.dvc/config plots.html_template): the page
+    loads no remote script, carries the pinned vega libraries inline, and every vega-lite spec DVC
+    emits renders to a non-blank PNG (vl-convert); with Chromium installed, the page itself is
+    screenshotted and must not be blank."""
+    import io
+    import re
+
+    import matplotlib.image
+    import vl_convert
+
+    out = tmp_path / "plots"
+    run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(out)], repo_copy)
+    page = (out / "index.html").read_text()
+    assert not re.findall(r"<script[^>]+src=[\"']?https?:", page), "the page loads a remote script"
+    for pinned in ("vega@5.20.2", "vega-lite@5.2.0", "vega-embed@6.18.2"):
+        assert f"/* {pinned} */" in page
+    assert page.count("vegaEmbed(") >= 3
+    shown = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo_copy).stdout)["data"]
+    specs = [d["content"] for entries in shown.values() for d in entries if d["type"] == "vega"]
+    assert len(specs) >= 3
+    for spec in specs[:3]:
+        png = matplotlib.image.imread(io.BytesIO(vl_convert.vegalite_to_png(spec)), format="png")
+        assert png.shape[0] > 100 and png[..., :3].std() > 0.05, "blank plot"
+    chromium = shutil.which("chromium")
+    if chromium:
+        shot = tmp_path / "page.png"
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--screenshot={shot}",
+                (out / "index.html").as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        assert matplotlib.image.imread(shot)[..., :3].std() > 0.05, "the page rendered blank"
