@@ -1,0 +1,25 @@
+"""Stage `headline`: the default pipeline's headline figures per SAE in metrics/headline.json (library:
+sae_ortho/headline.py), the one metrics file of the evaluation stages."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from sae_ortho import params as params_mod
+from sae_ortho.headline import METRICS, headline
+from sae_ortho.shards import atomic_write_text
+
+
+def main() -> None:
+    p = params_mod.load_or_exit()
+    try:
+        figures = headline(list(p.saes))
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+    atomic_write_text(METRICS / "headline.json", json.dumps(figures, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
