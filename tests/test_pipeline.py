@@ -125,6 +125,10 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert "skipped" in stability["cross_seed"]
     for plot in ("jaccard_lag", "persistence", "seed_match"):
         assert (repo_copy / f"metrics/stability/{plot}.png").stat().st_size > 1000
+    headline = json.loads((repo_copy / "metrics/headline.json").read_text())
+    assert set(headline) == {"baseline", "ortho"} and 0 < headline["ortho"]["fvu"] < 1
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo_copy).stdout
+    assert "metrics/headline.json" in shown and "metrics/core/" not in shown  # full records are plain outs
 
 
 def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
@@ -138,6 +142,7 @@ def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
         "absorption@ortho",
         "core@ortho",
         "efficiency@ortho",
+        "headline",
         "probing@ortho",
         "stability",
         "synthetic_ortho",
@@ -156,7 +161,7 @@ def test_editing_one_sae_entry_reruns_exactly_its_evaluations(repo_copy):
     params["saes"]["ortho"] = "ortho_copy"
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # stability reads metrics/absorption/ortho.json (the latents it flags), so it follows.
-    expected = ["absorption@ortho", "core@ortho", "efficiency@ortho", "probing@ortho", "stability"]
+    expected = ["absorption@ortho", "core@ortho", "efficiency@ortho", "headline", "probing@ortho", "stability"]
     assert reproduced(repo_copy) == expected
 
 
