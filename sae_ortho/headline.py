@@ -3,7 +3,8 @@
 `dvc exp show` and `dvc metrics diff` list metrics files column by column; the evaluation stages'
 full records (per-letter, per-task, per-hierarchy) are plain outputs, and this file holds the figures
 a comparison starts from, per SAE: absorption (first-letter, synthetic), probing top-1 / top-5, FVU,
-L0 and CE loss recovered.
+L0, CE loss recovered, and from training the final tau, the kept pairs' mean |cos| and the penalty's
+share of the step.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def headline(saes: list[str], root: Path = METRICS) -> dict:
             "l0": round(core["l0"], 3),
             "ce_recovered": round(core["ce_recovered_vs_zero"], 5),
         }
+        trained = root / "train" / f"{name}.json"
+        if trained.exists():  # the pipeline's own SAEs (a `saes` entry may point at any directory)
+            t = json.loads(trained.read_text())
+            row |= {"tau_final": t["tau"], "penalty_overhead": t.get("penalty_overhead"), "train_seconds": t["seconds"]}
+            if "mean_abs_cos" in t:
+                row["kept_pair_mean_abs_cos"] = t["mean_abs_cos"]
         synthetic = root / "synthetic" / f"{name}.json"
         if synthetic.exists():  # the synthetic arms are baseline and ortho
             for h, figures in json.loads(synthetic.read_text())["hierarchies"].items():
