@@ -227,6 +227,30 @@ def fmt(cell: dict | None, digits: int = 4) -> str:
     return f"{cell['mean']:.{digits}f}"
 
 
+def stage_times(r: StudyResults) -> dict[str, tuple[int, float]]:
+    """group -> (stages, seconds): LM stages record their whole run (training, evaluation), synthetic
+    stages their training and evaluation of every hierarchy and seed."""
+    groups: dict[str, list[float]] = {}
+    for name, arms in (("sweep", r.sweep), ("ablation", r.ablation)):
+        for pair in arms.values():
+            if pair.get("lm"):
+                groups.setdefault(f"lm {name}", []).append(pair["lm"]["stage_seconds"])
+            if pair.get("synthetic"):
+                groups.setdefault(f"synthetic {name}", []).append(pair["synthetic"]["seconds"])
+    for runs in r.headline.values():
+        groups.setdefault("lm headline", []).extend(m["stage_seconds"] for m in runs)
+    for arm, syn in r.synthetic_headline.items():
+        if arm not in ("baseline", "best"):
+            groups.setdefault("synthetic headline", []).append(syn["seconds"])
+    for points in r.scaling.values():  # the sweep's and the headline's points are counted there
+        groups.setdefault("lm scaling", []).extend(
+            m["stage_seconds"] for t, m in points.items() if t in r.study.scaling_tokens
+        )
+    out = {g: (len(v), float(sum(v))) for g, v in groups.items() if v}
+    out["total"] = (sum(n for n, _ in out.values()), sum(t for _, t in out.values()))
+    return out
+
+
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -370,5 +394,10 @@ def render(r: StudyResults, plots: list[str]) -> str:
         for t, m in points.items()
     ]
     out += _table(["arm", "tokens", "first-letter absorption", "meaningful", "FVU"], rows)
+    out += ["", "## Wall time of the study's stages (seconds, as each stage recorded it)", ""]
+    out += _table(
+        ["group", "stages", "seconds", "minutes"],
+        [[g, str(n), f"{t:.0f}", f"{t / 60:.1f}"] for g, (n, t) in stage_times(r).items()],
+    )
     out += ["", "## Plots", ""] + [f"![{p}](study/plots/{p})" for p in plots] + [""]
     return "\n".join(out)
