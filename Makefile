@@ -36,7 +36,7 @@ study: $(STAMP)
 	$(VENV)/bin/dvc repro dvc.yaml study/dvc.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m bench.extract

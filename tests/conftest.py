@@ -13,7 +13,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-torch.set_num_threads(2)
+# `make test` runs two workers with OMP_NUM_THREADS=1 (one core each); alone, use both cores.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
 
 def stage_env() -> dict[str, str]:

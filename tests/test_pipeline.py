@@ -1,8 +1,7 @@
 """End to end: `dvc repro` on a tiny config in a temporary git copy of the repo."""
 
-import ast
 import json
-import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,75 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, stage_env
-
-TINY = {
-    "data": {
-        "max_chars_per_source": 300_000,
-        "probe_train_per_class": 40,
-        "probe_test_per_class": 20,
-        "probe_min_train_per_class": 30,
-        "probe_min_test_per_class": 15,
-    },
-    "extract": {"context_len": 32, "n_tokens": 3000, "shard_tokens": 1000, "batch_size": 8},
-    "train": {
-        "d_sae": 128,
-        "k": 8,
-        "batch_size": 128,
-        "train_tokens": 128 * 12,
-        "warmup_steps": 2,
-        "log_every": 2,
-        "checkpoint_every": 5,
-        "dead_tokens": 1000,
-        "aux_k": 16,
-        "lr": 0.003,
-    },
-    "heldout": {"n_tokens": 310, "batch_size": 5},
-    "core": {"pair_batch_size": 128, "pair_fraction": 0.01},
-    "probing": {"train_per_class": 30, "test_per_class": 15, "context_len": 32, "k_values": [1, 5]},
-    "letters": {"n_words": 60, "min_words_per_letter": 5, "seeds": [0], "batch_size": 16},
-    "absorption": {"max_k": 3, "bootstrap": 100},
-    "synthetic": {
-        "hidden_dim": 32,
-        "hierarchies": [{"name": "t", "total_root_nodes": 4, "branching_factor": 3, "num_features": 24}],
-        "seeds": [0],
-        "train": {"d_sae": 24, "k": 4, "lr": 0.01, "batch_size": 256, "train_tokens": 256 * 50, "aux_k": 8},
-        "eval_samples": 2000,
-        "bootstrap": 100,
-    },
-    "stability": {"null_draws": 3, "heldout_batches": 2},
-}
-
-
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**stage_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+from tests.pipeline_copy import copy_repo, reproduced, run
 
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
-    """Tracked files of the repo (as in a fresh clone) with a tiny params.yaml, committed."""
-    dest = tmp_path_factory.mktemp("pipeline") / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).exists():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for stale in ("dvc.lock", "study/dvc.lock", "metrics"):
-        path = dest / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    (dest / "metrics").mkdir()  # as in a clone: the committed metrics live there (stages write beside them)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "commit", "-qm", "copy"], dest)
-    return dest
+    return copy_repo(tmp_path_factory, "pipeline")
 
 
 def test_dvc_repro_end_to_end(repo_copy):
@@ -132,26 +68,30 @@ def test_dvc_repro_end_to_end(repo_copy):
     assert "metrics/headline.json" in shown and "metrics/core/" not in shown  # full records are plain outs
 
 
-def test_changing_tau_reruns_only_the_ortho_side(repo_copy):
+def test_exp_run_set_tau_reruns_only_the_ortho_side_and_metrics_diff_shows_it(repo_copy):
+    """`dvc exp run -S tau=...` exactly as README types it: only the ortho side reruns, and
+    `dvc metrics diff` against the commit shows the ortho headline figures moving, not the baseline's."""
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    params["tau"] = params["tau"] + 0.05
+    tau = params["tau"] * 40
+    edited = {**params, "tau": tau}
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
+    assert set(status) == {"train", "synthetic_ortho"}, status  # the study never reads tau
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = json.loads(run([sys.executable, "-m", "dvc", "status", "dvc.yaml", "--json"], repo_copy).stdout)
-    assert set(status) == {"train", "synthetic_ortho"}, status  # its evaluations rerun: models/ortho changes
-    # efficiency@ortho reruns because its inputs' `seconds` fields changed, never the baseline's stages.
-    expected = [
-        "absorption@ortho",
-        "core@ortho",
-        "efficiency@ortho",
-        "headline",
-        "probing@ortho",
-        "stability",
-        "synthetic_ortho",
-        "train",
-    ]
-    assert reproduced(repo_copy) == expected
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "commit", "-qm", "default run"], repo_copy)
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "bigtau", "-S", f"tau={tau}"], repo_copy).stdout
+    # efficiency@ortho and headline rerun because their inputs changed; never the baseline's stages.
+    ran = sorted(set(re.findall(r"Running stage '([^']+)'", out)))
+    expected = ["absorption@ortho", "core@ortho", "efficiency@ortho", "headline", "probing@ortho", "stability"]
+    assert ran == sorted([*expected, "synthetic_ortho", "train"]), ran
     ortho = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
-    assert ortho["tau"] == pytest.approx(params["tau"])
+    assert ortho["tau"] == pytest.approx(tau)
+    diff = run([sys.executable, "-m", "dvc", "metrics", "diff", "HEAD", "--json"], repo_copy)
+    changed = json.loads(diff.stdout)["metrics/headline.json"]
+    assert {"ortho.tau_final", "ortho.kept_pair_mean_abs_cos"} <= set(changed), changed
+    assert not any(key.startswith("baseline.") for key in changed), changed
+    assert "bigtau" in run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy).stdout
 
 
 def test_editing_one_sae_entry_reruns_exactly_its_evaluations(repo_copy):
@@ -179,87 +119,6 @@ def test_stability_params_rerun_only_stability_and_extra_seeds_train_both_arms(r
         (entry,) = cross[arm]["pairs"]
         assert entry["seed"] == 1 and 0 < entry["mean_cos"] <= 1
         assert {"null_rotation", "null_covariance", "kept_pair_overlap"} <= set(entry)
-
-
-TINY_STUDY = {
-    "sweep_tokens": 128 * 6,
-    "scaling_tokens": [128 * 9],
-    "scaling_arms": ["best"],
-    "headline_seeds": [0],
-    # On the LM: the baseline, the selection and the control (the reference arms' LM runs take the same
-    # code path with another RunConfig, trained in test_train.py); all five run on the synthetic benchmark.
-    "headline_arms": ["baseline", "best", "control"],
-    "synthetic_extra": ["control", "matryoshka", "ortsae"],
-    "heldout_contexts": 3,
-    "sweep": {
-        "baseline": {"penalty": "none"},
-        "fixed_1e1": {"tau": 10.0},
-        "adaptive_3e-2": {"schedule": "adaptive", "tau": 0.1, "target": 0.03},
-    },
-    "ablation": {"frac_1e-2": {"from_selection": True, "topk_fraction": 0.01}},
-}
-
-
-def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
-    """`make study`'s command on tiny settings: every stage runs on the default's cached outputs, the
-    report and its plots appear, every headline SAE passes the science checks; editing one sweep arm
-    that the selection does not pick reruns that arm and the selection/report only."""
-    study = yaml.safe_load((repo_copy / "study/params.yaml").read_text()) | TINY_STUDY
-    (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-    ran = reproduced(repo_copy, "study/dvc.yaml")
-    assert "study/dvc.yaml:report" in ran and len(ran) == 3 * 2 + 1 + 2 + 3 + 3 + 1 + 1, ran
-    status = run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy)
-    assert json.loads(status.stdout) == {}
-    for arm in study["headline_arms"]:
-        m = json.loads((repo_copy / f"metrics/study/headline/{arm}_s0.json").read_text())
-        assert 0 < m["core"]["fvu"] < 1 and m["core"]["l0"] == pytest.approx(8, abs=0.5), m
-        assert 0.5 < m["probing"]["top_5"] <= 1, m
-    best = json.loads((repo_copy / "metrics/study/headline/best_s0.json").read_text())
-    chosen = json.loads((repo_copy / "metrics/study/selected_arm.json").read_text())
-    assert best["settings"]["tau"] == chosen["settings"]["tau"] and best["train"]["penalty_overhead"] > 0
-    control = json.loads((repo_copy / "metrics/study/headline/control_s0.json").read_text())
-    assert control["settings"]["penalty"] == "random" and control["pair_stability"] is not None
-    report = (repo_copy / "metrics/report.md").read_text()
-    assert f"Selected: **{chosen['selected']}**" in report and "Which differences" in report
-    for png in ("absorption_vs_tau", "absorption_vs_fvu", "probing_vs_k", "jaccard_vs_lag", "topk_ablation"):
-        assert (repo_copy / f"metrics/study/plots/{png}.png").stat().st_size > 5000, png
-    headline = json.loads((repo_copy / "metrics/study_headline.json").read_text())
-    assert set(study["headline_arms"]) <= set(headline)
-    # Edit the arm the rule did not pick: it reruns with the selection and the report, nothing derived.
-    other = next(a for a in ("fixed_1e1", "adaptive_3e-2") if a != chosen["selected"])
-    study["sweep"][other]["tau"] = study["sweep"][other]["tau"] * 2
-    (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-    again = reproduced(repo_copy, "study/dvc.yaml")
-    expected = {f"study/dvc.yaml:{s}@{other}" for s in ("synthetic_sweep", "lm_sweep")} | {
-        "study/dvc.yaml:select",
-        "study/dvc.yaml:report",
-    }
-    if json.loads((repo_copy / "metrics/study/selected_arm.json").read_text()) == chosen:
-        assert set(again) == expected, again
-
-
-def test_exp_run_set_tau_makes_an_experiment_that_metrics_diff_shows(repo_copy):
-    """`dvc exp run -S tau=...` exactly as README types it: an experiment whose ortho metrics differ
-    from the workspace's, shown by `dvc metrics diff` against it; the study is not rerun."""
-    run(["git", "add", "-A"], repo_copy)
-    run(["git", "commit", "-qm", "study done"], repo_copy)
-    before = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
-    tau = yaml.safe_load((repo_copy / "params.yaml").read_text())["tau"] * 40
-    out = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "bigtau", "-S", f"tau={tau}"], repo_copy)
-    assert "study/dvc.yaml" not in out.stdout
-    after = json.loads((repo_copy / "metrics/train/ortho.json").read_text())
-    assert after["tau"] == pytest.approx(tau) and after["fvu"] != before["fvu"]
-    diff = run([sys.executable, "-m", "dvc", "metrics", "diff", "HEAD", "--json"], repo_copy)
-    changed = json.loads(diff.stdout)["metrics/headline.json"]
-    assert {"ortho.tau_final", "ortho.kept_pair_mean_abs_cos"} <= set(changed), changed
-    assert not any(key.startswith("baseline.") for key in changed), changed  # the baseline did not rerun
-    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy)
-    assert "bigtau" in shown.stdout
-
-
-def reproduced(repo: Path, target: str = "dvc.yaml") -> list[str]:
-    code = f"from dvc.repo import Repo; print(sorted(s.addressing for s in Repo('.').reproduce('{target}')))"
-    return ast.literal_eval(run([sys.executable, "-c", code], repo).stdout.strip().splitlines()[-1])
 
 
 def test_plots_page_is_offline_and_its_specs_render(repo_copy, tmp_path):

@@ -1,0 +1,75 @@
+"""End to end: `dvc repro study/dvc.yaml` (what `make study` adds) on tiny settings in a temporary git
+copy; DVC runs the default stages the study reads (corpus, extract, llm_cache, letter_cache) first."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipeline_copy import copy_repo, reproduced, run
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    return copy_repo(tmp_path_factory, "study")
+
+
+TINY_STUDY = {
+    "sweep_tokens": 128 * 6,
+    "scaling_tokens": [128 * 9],
+    "scaling_arms": ["best"],
+    "headline_seeds": [0],
+    # On the LM: the baseline, the selection and the control (the reference arms' LM runs take the same
+    # code path with another RunConfig, trained in test_train.py); all five run on the synthetic benchmark.
+    "headline_arms": ["baseline", "best", "control"],
+    "synthetic_extra": ["control", "matryoshka", "ortsae"],
+    "heldout_contexts": 3,
+    "sweep": {
+        "baseline": {"penalty": "none"},
+        "fixed_1e1": {"tau": 10.0},
+        "adaptive_3e-2": {"schedule": "adaptive", "tau": 0.1, "target": 0.03},
+    },
+    "ablation": {"frac_1e-2": {"from_selection": True, "topk_fraction": 0.01}},
+}
+
+
+def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
+    """`make study`'s command on tiny settings: every stage runs on the default's cached outputs, the
+    report and its plots appear, every headline SAE passes the science checks; editing one sweep arm
+    marks exactly that arm's stages, the selection and the report as changed."""
+    study = yaml.safe_load((repo_copy / "study/params.yaml").read_text()) | TINY_STUDY
+    (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    ran = reproduced(repo_copy, "study/dvc.yaml")
+    study_ran = [s for s in ran if s.startswith("study/")]
+    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 3 + 3 + 1 + 1, ran
+    assert {"extract", "llm_cache", "letter_cache"} <= set(ran) and "train" not in ran  # only what it reads
+    status = run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy)
+    assert json.loads(status.stdout) == {}
+    for arm in study["headline_arms"]:
+        m = json.loads((repo_copy / f"metrics/study/headline/{arm}_s0.json").read_text())
+        assert 0 < m["core"]["fvu"] < 1 and m["core"]["l0"] == pytest.approx(8, abs=0.5), m
+        assert 0.5 < m["probing"]["top_5"] <= 1, m
+    best = json.loads((repo_copy / "metrics/study/headline/best_s0.json").read_text())
+    chosen = json.loads((repo_copy / "metrics/study/selected_arm.json").read_text())
+    assert best["settings"]["tau"] == chosen["settings"]["tau"] and best["train"]["penalty_overhead"] > 0
+    control = json.loads((repo_copy / "metrics/study/headline/control_s0.json").read_text())
+    assert control["settings"]["penalty"] == "random" and control["pair_stability"] is not None
+    report = (repo_copy / "metrics/report.md").read_text()
+    assert f"Selected: **{chosen['selected']}**" in report and "Which differences" in report
+    for png in ("absorption_vs_tau", "absorption_vs_fvu", "probing_vs_k", "jaccard_vs_lag", "topk_ablation"):
+        assert (repo_copy / f"metrics/study/plots/{png}.png").stat().st_size > 5000, png
+    headline = json.loads((repo_copy / "metrics/study_headline.json").read_text())
+    assert set(study["headline_arms"]) <= set(headline)
+    # Editing one sweep arm touches that arm's two stages, the selection and the report; the derived
+    # arms depend on the chosen arm's file only (rewritten by `select` if the choice changes).
+    other = next(a for a in ("fixed_1e1", "adaptive_3e-2") if a != chosen["selected"])
+    study["sweep"][other]["tau"] = study["sweep"][other]["tau"] * 2
+    (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    status = json.loads(run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy).stdout)
+    expected = {f"study/dvc.yaml:{s}@{other}" for s in ("synthetic_sweep", "lm_sweep")} | {
+        "study/dvc.yaml:select",
+        "study/dvc.yaml:report",
+    }
+    assert set(status) == expected, status
