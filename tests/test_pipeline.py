@@ -75,9 +75,11 @@ def test_exp_run_set_tau_reruns_only_the_ortho_side_and_metrics_diff_shows_it(re
     tau = params["tau"] * 40
     edited = {**params, "tau": tau}
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
-    status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo_copy).stdout)
-    assert set(status) == {"train", "synthetic_ortho"}, status  # the study never reads tau
-    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run([sys.executable, "-m", "dvc", "status", "dvc.yaml", "--json"], repo_copy).stdout)
+    finally:
+        (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert set(status) == {"train", "synthetic_ortho"}, status
     run(["git", "add", "-A"], repo_copy)
     run(["git", "commit", "-qm", "default run"], repo_copy)
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "bigtau", "-S", f"tau={tau}"], repo_copy).stdout
