@@ -60,10 +60,12 @@ def evaluate(
     with_probing: bool,
     heldout_contexts: int,
     progress_bar: bool = True,
+    with_absorption: bool = True,
 ) -> dict:
     """Core metrics on the first `heldout_contexts` held-out contexts (the two CE runs cost ~1 s a
-    context on 2 cores), first-letter absorption, and SAEBench sparse probing (params.yaml `probing`)
-    when asked. Writes the full records to `sae_dir/eval/`; returns the compact figures. Raises BrokenSAE."""
+    context on 2 cores), and when asked first-letter absorption (~55 s an SAE) and SAEBench sparse
+    probing (params.yaml `probing`, ~90 s an SAE, almost all of it encoding the probe texts). Writes
+    the full records to `sae_dir/eval/`; returns the compact figures. Raises BrokenSAE."""
     sae = SAE.load(sae_dir).eval()
     hs = first_contexts(HeldoutSet.load(HELDOUT), heldout_contexts)
     if sae.cfg.hook_name != hs.manifest["hook_name"]:
@@ -76,13 +78,12 @@ def evaluate(
     core.pop("per_context")
     records["core"] = core
     fails = science_failures(core)
-    with warnings.catch_warnings():  # sklearn: letters whose k-sparse probe predicts no positive (F1 0)
-        warnings.filterwarnings("ignore", message=".*ill-defined.*")
-        records["absorption"] = absorption_result(sae.to_saelens(), LETTERS, p.absorption, sae_dir.name)
-    out = {
-        "core": {k: round(float(core[k]), 5) for k in CORE_KEYS},
-        "absorption": {k: records["absorption"][k] for k in ABSORPTION_KEYS},
-    }
+    out: dict = {"core": {k: round(float(core[k]), 5) for k in CORE_KEYS}}
+    if with_absorption:
+        with warnings.catch_warnings():  # sklearn: letters whose k-sparse probe predicts no positive (F1 0)
+            warnings.filterwarnings("ignore", message=".*ill-defined.*")
+            records["absorption"] = absorption_result(sae.to_saelens(), LETTERS, p.absorption, sae_dir.name)
+        out["absorption"] = {k: records["absorption"][k] for k in ABSORPTION_KEYS}
     if with_probing:  # at the llm_cache's k values (its LLM-residual probes are cached with them)
         with warnings.catch_warnings():  # sae_bench passes sklearn's deprecated `penalty`: once per probe
             warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
