@@ -1,4 +1,5 @@
-"""The study's report (stage `report` of study/dvc.yaml): tables, tests between arms, metrics/report.md.
+"""The study's results (stage `report` of study/dvc.yaml): loading, headline table, tests between arms
+(the markdown: sae_ortho/report_md.py; the plots: sae_ortho/report_plots.py).
 
 Every figure is read from the study's metrics files (metrics/study/...), which the committed
 study/dvc.lock pins. A difference from the baseline *counts* only when all three hold:
@@ -51,13 +52,12 @@ class StudyResults:
     sweep: dict[str, dict]  # arm -> {"lm": ..., "synthetic": ...}
     ablation: dict[str, dict]
     headline: dict[str, list[dict]]  # arm -> per-seed LM metrics
-    synthetic_headline: dict[str, dict]  # arm -> synthetic metrics (sweep's for baseline / best)
+    synthetic_headline: dict[str, dict]  # arm -> synthetic metrics on fresh seeds (not the sweep's)
     scaling: dict[str, dict[int, dict]]  # arm -> tokens -> LM metrics
 
     @classmethod
     def load(cls, study: StudyParams, root: Path = METRICS) -> StudyResults:
         selection = _read(root / "selection.json") or {}
-        chosen = selection.get("selected")
 
         def group(name: str, arms) -> dict[str, dict]:
             out = {}
@@ -74,16 +74,11 @@ class StudyResults:
                 headline[arm] = [r for r in runs if r]
         synthetic_headline = {}
         for arm in study.headline_arms:
-            source = {"baseline": "baseline", "best": chosen}.get(arm)
-            path = root / "synthetic" / ("sweep" if source else "headline") / f"{source or arm}.json"
-            if (found := _read(path)) is not None:
+            if (found := _read(root / "synthetic" / "headline" / f"{arm}.json")) is not None:
                 synthetic_headline[arm] = found
         scaling: dict[str, dict[int, dict]] = {}
         for arm in study.scaling_arms:
             points = {}
-            sweep_arm = {"baseline": "baseline", "best": chosen}.get(arm)
-            if sweep_arm and (m := _read(root / "sweep" / f"{sweep_arm}.json")):
-                points[m["train_tokens"]] = m
             for tokens in study.scaling_tokens:
                 if m := _read(root / "scaling" / f"{arm}_t{tokens}.json"):
                     points[tokens] = m
@@ -102,14 +97,15 @@ class StudyResults:
 
 
 def lm_figures(m: dict) -> dict[str, float | None]:
-    """The per-run LM figures of one metrics file (None where the run has no such figure)."""
-    absorption, probing = m["absorption"], m.get("probing") or {}
+    """The per-run LM figures of one metrics file (None where the run has no such figure: the cheap
+    sweep SAEs have no absorption, only the first headline seed has probing)."""
+    absorption, probing = m.get("absorption") or {}, m.get("probing") or {}
     pairs = m.get("pair_stability") or {}
     return {
-        "first_letter_absorption": absorption["mean_absorption_fraction"],
-        "first_letter_reseed": absorption["mean_absorption_fraction_reseed_range"],
-        "first_letter_meaningful": absorption["meaningful"],
-        "letters_carried": absorption["letters_carried_by_one_latent"],
+        "first_letter_absorption": absorption.get("mean_absorption_fraction"),
+        "first_letter_reseed": absorption.get("mean_absorption_fraction_reseed_range"),
+        "first_letter_meaningful": absorption.get("meaningful"),
+        "letters_carried": absorption.get("letters_carried_by_one_latent"),
         "probing_top_1": probing.get("top_1"),
         "probing_top_5": probing.get("top_5"),
         "fvu": m["core"]["fvu"],
@@ -219,14 +215,6 @@ def efficiency(table: dict[str, dict[str, dict]]) -> dict[str, float | None]:
     return out
 
 
-def fmt(cell: dict | None, digits: int = 4) -> str:
-    if not cell or "mean" not in cell:
-        return "n/a"
-    if cell.get("n", 1) > 1 and math.isfinite(cell.get("std", math.nan)):
-        return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
-    return f"{cell['mean']:.{digits}f}"
-
-
 def stage_times(r: StudyResults) -> dict[str, tuple[int, float]]:
     """group -> (stages, seconds): LM stages record their whole run (training, evaluation), synthetic
     stages their training and evaluation of every hierarchy and seed."""
@@ -239,10 +227,9 @@ def stage_times(r: StudyResults) -> dict[str, tuple[int, float]]:
                 groups.setdefault(f"synthetic {name}", []).append(pair["synthetic"]["seconds"])
     for runs in r.headline.values():
         groups.setdefault("lm headline", []).extend(m["stage_seconds"] for m in runs)
-    for arm, syn in r.synthetic_headline.items():
-        if arm not in ("baseline", "best"):
-            groups.setdefault("synthetic headline", []).append(syn["seconds"])
-    for points in r.scaling.values():  # the sweep's and the headline's points are counted there
+    for syn in r.synthetic_headline.values():
+        groups.setdefault("synthetic headline", []).append(syn["seconds"])
+    for points in r.scaling.values():  # the headline's point is counted there
         groups.setdefault("lm scaling", []).extend(
             m["stage_seconds"] for t, m in points.items() if t in r.study.scaling_tokens
         )
@@ -251,153 +238,8 @@ def stage_times(r: StudyResults) -> dict[str, tuple[int, float]]:
     return out
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return [_row(head), _row(["---"] * len(head)), *(_row(r) for r in rows)]
-
-
-def _num(v, digits: int = 4) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
-
-
 def headline_json(r: StudyResults) -> dict:
     """Compact headline figures (mean over seeds) per arm: the first metrics `dvc exp show` lists."""
     table = headline_table(r)
     keys = ("synthetic_absorption", "first_letter_absorption", "probing_top_1", "probing_top_5", "fvu", "ce_recovered")
     return {arm: {k: round(row[k]["mean"], 5) for k in keys if k in row} for arm, row in table.items()}
-
-
-def render(r: StudyResults, plots: list[str]) -> str:
-    """metrics/report.md."""
-    s, table = r.study, headline_table(r)
-    out = [
-        "# The study: report",
-        "",
-        "Generated by the `report` stage of study/dvc.yaml from metrics/study/ (pinned by study/dvc.lock).",
-        "",
-    ]
-    sel = r.selection
-    out += [
-        "## Selection (rule declared in study/params.yaml before the headline runs)",
-        "",
-        f"Rule: {sel.get('rule', 'n/a')}.",
-        "",
-    ]
-    if sel:
-        out += [
-            f"Selected: **{sel['selected']}** (any admissible: {sel['any_admissible']}; "
-            f"baseline synthetic absorption {_num(sel['baseline_synthetic_absorption'])}).",
-            "",
-        ]
-        out += _table(
-            ["arm", "synthetic absorption", "cheap-LM FVU increase", "CE-recovered drop", "admissible"],
-            [
-                [
-                    a,
-                    _num(c["synthetic_absorption"]),
-                    _num(c["fvu_increase"]),
-                    _num(c["ce_recovered_drop"]),
-                    str(c["admissible"]),
-                ]
-                for a, c in sel["candidates"].items()
-            ],
-        ) + [""]
-    out += [f"## Sweep (cheap LM SAEs: {s.sweep_tokens:,} tokens; synthetic: the default benchmark)", ""]
-    rows = []
-    for arm, pair in {**r.sweep, **{f"ablation {k}": v for k, v in r.ablation.items()}}.items():
-        lm, syn = pair.get("lm"), pair.get("synthetic")
-        f = lm_figures(lm) if lm else {}
-        rows.append(
-            [
-                arm,
-                _num(float(np.mean(synthetic_per_seed(syn)))) if syn else "n/a",
-                _num(f.get("fvu")),
-                _num(f.get("ce_recovered")),
-                (_num(f.get("first_letter_absorption")) + ("" if f.get("first_letter_meaningful") else " (nm)"))
-                if lm
-                else "n/a",
-                _num(f.get("tau_final"), 3),
-                _num(f.get("pair_jaccard_lag1"), 3),
-                _num(f.get("penalty_share"), 3),
-            ]
-        )
-    out += _table(
-        [
-            "arm",
-            "synthetic absorption",
-            "FVU",
-            "CE recovered",
-            "first-letter absorption",
-            "final tau",
-            "pair Jaccard lag 1",
-            "penalty share",
-        ],
-        rows,
-    )
-    out += ["", "(nm): fewer than absorption.min_carried_letters letters carried by one latent: not meaningful.", ""]
-    out += [f"## Headline ({len(s.headline_seeds)} SAE seeds, full size; mean ± sd over seeds)", ""]
-    keys = list(FIGURES)
-    rows = [[arm, *(fmt(table[arm].get(k), 3 if k in ("train_seconds",) else 4) for k in keys)] for arm in table]
-    out += _table(["arm", *(FIGURES[k][0] for k in keys)], rows)
-    carried = {arm: table[arm].get("letters_carried", {}).get("values") for arm in table}
-    out += [
-        "",
-        "Letters carried by one latent per seed (first-letter figures count only where every seed reaches the bar): "
-        + "; ".join(f"{a} {v}" for a, v in carried.items() if v),
-        "",
-    ]
-    eff = efficiency(table)
-    if eff:
-        out += [
-            "Absorption reduction efficiency (synthetic absorption removed per unit of relative FVU increase): "
-            + "; ".join(f"{a} {_num(v, 3)}" for a, v in eff.items()),
-            "",
-        ]
-    comps = comparisons(table, s.alpha)
-    out += [
-        "## Which differences from the baseline count",
-        "",
-        f"Welch t-test across seeds, Holm-corrected over every (arm, primary metric) pair at alpha {s.alpha}; "
-        "a difference counts only if Holm rejects AND it exceeds the larger seed sd AND the metric's reseed noise.",
-        "",
-    ]
-    out += _table(
-        ["arm", "metric", "difference", "relative", "p (Welch)", "Holm rejects", "seed sd", "reseed noise", "counts"],
-        [
-            [
-                c["arm"],
-                c["metric"],
-                _num(c["difference"]),
-                _num(c["relative"], 3),
-                _num(c["p_welch"], 4),
-                str(c["holm_rejects"]),
-                _num(c["seed_spread"]),
-                _num(c["reseed_noise"]),
-                ("**yes**" if c["counts"] else "no") if c["meaningful"] else "not meaningful",
-            ]
-            for c in comps
-        ],
-    )
-    out += ["", "## Absorption against training tokens", ""]
-    rows = [
-        [
-            arm,
-            f"{t:,}",
-            _num(m["absorption"]["mean_absorption_fraction"]),
-            str(m["absorption"]["meaningful"]),
-            _num(m["core"]["fvu"]),
-        ]
-        for arm, points in r.scaling.items()
-        for t, m in points.items()
-    ]
-    out += _table(["arm", "tokens", "first-letter absorption", "meaningful", "FVU"], rows)
-    out += ["", "## Wall time of the study's stages (seconds, as each stage recorded it)", ""]
-    out += _table(
-        ["group", "stages", "seconds", "minutes"],
-        [[g, str(n), f"{t:.0f}", f"{t / 60:.1f}"] for g, (n, t) in stage_times(r).items()],
-    )
-    out += ["", "## Plots", ""] + [f"![{p}](study/plots/{p})" for p in plots] + [""]
-    return "\n".join(out)

@@ -18,12 +18,13 @@ def _schedule(settings: dict) -> str:
 
 
 def absorption_vs_tau(r: StudyResults, path: Path) -> None:
-    """Synthetic (ground-truth) and first-letter absorption of the sweep arms against tau, per
-    schedule; adaptive and decaying arms sit at their final tau. The baseline is a horizontal line."""
+    """Synthetic (ground-truth) absorption and the cost (cheap LM SAE's held-out FVU) of the sweep arms
+    against tau, per schedule; adaptive and decaying arms sit at their final tau. The baseline is a
+    horizontal line."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = (
         ("synthetic", "synthetic absorption (mean of hierarchies)"),
-        ("lm", "first-letter absorption (cheap SAEs)"),
+        ("lm", "FVU, held-out (cheap LM SAEs)"),
     )
     for ax, (source, label) in zip(axes, panels, strict=True):
         by_schedule: dict[str, list[tuple[float, float]]] = {}
@@ -31,11 +32,7 @@ def absorption_vs_tau(r: StudyResults, path: Path) -> None:
             if not pair.get("lm") or not pair.get(source):
                 continue
             m = pair["lm"]
-            y = (
-                float(np.mean(synthetic_per_seed(pair["synthetic"])))
-                if source == "synthetic"
-                else m["absorption"]["mean_absorption_fraction"]
-            )
+            y = float(np.mean(synthetic_per_seed(pair["synthetic"]))) if source == "synthetic" else m["core"]["fvu"]
             schedule = _schedule(m["settings"])
             if schedule == "baseline":
                 ax.axhline(y, color="gray", ls="--", label="baseline")
@@ -56,7 +53,7 @@ def absorption_vs_fvu(r: StudyResults, path: Path) -> None:
     fig, (ax_syn, ax_lm) = plt.subplots(1, 2, figsize=(11, 4.5))
     synthetic = {f"sweep:{a}": p["synthetic"] for a, p in r.sweep.items() if p.get("synthetic")}
     synthetic |= {f"ablation:{a}": p["synthetic"] for a, p in r.ablation.items() if p.get("synthetic")}
-    synthetic |= {f"headline:{a}": s for a, s in r.synthetic_headline.items() if a not in ("baseline", "best")}
+    synthetic |= {f"headline:{a}": s for a, s in r.synthetic_headline.items()}  # fresh seeds
     for name, syn in synthetic.items():
         names = [k for k, v in syn.items() if isinstance(v, dict) and "explained_variance" in v]
         fvu = 1 - float(np.mean([syn[n]["explained_variance"] for n in names]))
@@ -76,14 +73,15 @@ def absorption_vs_fvu(r: StudyResults, path: Path) -> None:
 
 def probing_vs_k(r: StudyResults, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, runs in r.headline.items():
-        ks = sorted(int(k.split("_")[1]) for k in runs[0].get("probing", {}))
-        if not ks:
+    for arm, all_runs in r.headline.items():
+        runs = [m for m in all_runs if m.get("probing")]  # the first SAE seed
+        if not runs:
             continue
+        ks = sorted(int(k.split("_")[1]) for k in runs[0]["probing"])
         acc = np.array([[m["probing"][f"top_{k}"] for k in ks] for m in runs])
         ax.errorbar(ks, acc.mean(0), yerr=acc.std(0), marker="o", capsize=3, label=arm)
     ax.set(xscale="log", xlabel="k (latents per probe)", ylabel="test accuracy (mean of tasks)")
-    ax.set_title("SAEBench sparse probing, headline arms")
+    ax.set_title("SAEBench sparse probing, headline arms (first seed)")
     ax.legend(fontsize=8)
     save_png(fig, path)
 

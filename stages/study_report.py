@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sae_ortho.report import StudyResults, comparisons, headline_json, headline_table, render
+from sae_ortho.report import StudyResults, comparisons, headline_json, headline_table
+from sae_ortho.report_md import render
 from sae_ortho.report_plots import PLOTS
 from sae_ortho.shards import atomic_write_text
 from sae_ortho.study import load_study_or_exit

@@ -114,3 +114,15 @@ def test_first_letter_difference_needs_meaningful_figures_and_to_beat_reseed_noi
     assert not comparisons(table, 0.05)[0]["counts"]
     table["arm"] = row([0.05, 0.051, 0.049], False, 0.002)
     assert not comparisons(table, 0.05)[0]["meaningful"]
+
+
+def test_fresh_synthetic_seeds_must_not_overlap_the_selection_seeds():
+    """The headline's synthetic comparison refuses the seeds `best` was chosen on, before any training."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "stages.study_synthetic_headline", "--arm", "best", "--seeds", "0", "7"]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "overlap the selection's synthetic.seeds" in result.stderr, result.stderr

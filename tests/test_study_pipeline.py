@@ -24,7 +24,7 @@ TINY_STUDY = {
     # On the LM: the baseline, the selection and the control (the reference arms' LM runs take the same
     # code path with another RunConfig, trained in test_train.py); all five run on the synthetic benchmark.
     "headline_arms": ["baseline", "best", "control"],
-    "synthetic_extra": ["control", "matryoshka", "ortsae"],
+    "synthetic_extra": ["baseline", "best", "control", "matryoshka", "ortsae"],
     "heldout_contexts": 3,
     "sweep": {
         "baseline": {"penalty": "none"},
@@ -43,7 +43,7 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
     (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     ran = reproduced(repo_copy, "study/dvc.yaml")
     study_ran = [s for s in ran if s.startswith("study/")]
-    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 3 + 3 + 1 + 1, ran
+    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 5 + 3 + 1 + 1, ran
     assert {"extract", "llm_cache", "letter_cache"} <= set(ran) and "train" not in ran  # only what it reads
     status = run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy)
     assert json.loads(status.stdout) == {}
@@ -51,6 +51,16 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
         m = json.loads((repo_copy / f"metrics/study/headline/{arm}_s0.json").read_text())
         assert 0 < m["core"]["fvu"] < 1 and m["core"]["l0"] == pytest.approx(8, abs=0.5), m
         assert 0.5 < m["probing"]["top_5"] <= 1, m
+        assert 0 <= m["absorption"]["mean_absorption_fraction"] <= 1, m
+    # The cheap sweep SAEs measure the cost only; first-letter absorption is for the full-size ones.
+    sweep = json.loads((repo_copy / "metrics/study/sweep/baseline.json").read_text())
+    assert 0 < sweep["core"]["fvu"] < 1 and "absorption" not in sweep and "probing" not in sweep, sweep
+    # The headline's synthetic comparison runs on seeds the selection never saw.
+    selection_seeds = set(yaml.safe_load((repo_copy / "params.yaml").read_text())["synthetic"]["seeds"])
+    for arm in study["synthetic_extra"]:
+        syn = json.loads((repo_copy / f"metrics/study/synthetic/headline/{arm}.json").read_text())
+        assert syn["seeds"] == [3, 4, 5] and not selection_seeds & set(syn["seeds"]), syn
+        assert len(syn["t"]["absorption_per_seed"]) == 3, syn
     best = json.loads((repo_copy / "metrics/study/headline/best_s0.json").read_text())
     chosen = json.loads((repo_copy / "metrics/study/selected_arm.json").read_text())
     assert best["settings"]["tau"] == chosen["settings"]["tau"] and best["train"]["penalty_overhead"] > 0
