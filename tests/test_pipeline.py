@@ -96,6 +96,29 @@ def test_exp_run_set_tau_reruns_only_the_ortho_side_and_metrics_diff_shows_it(re
     assert "bigtau" in run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo_copy).stdout
 
 
+def test_queued_tau_sweep_as_readme_types_it(repo_copy):
+    """`dvc exp run --queue -S 'tau=0,0.01,0.05,0.1'` (README) queues one experiment per value, each with
+    its own tau (Hydra's sweep grammar; hydra-core is pinned). Running a queued experiment is `dvc exp
+    run`'s code path, tested above; the queue is emptied again here."""
+    dvc = [sys.executable, "-m", "dvc"]
+    run([*dvc, "exp", "run", "--queue", "-S", "tau=0,0.01,0.05,0.1"], repo_copy)
+    try:
+        status = run([*dvc, "queue", "status"], repo_copy).stdout
+        queued = {line.split()[1] for line in status.splitlines() if line.split()[-1:] == ["Queued"]}
+        assert len(queued) == 4, status
+        shown = json.loads(run([*dvc, "exp", "show", "--json"], repo_copy).stdout)
+        taus = sorted(
+            rev["data"]["params"]["params.yaml"]["data"]["tau"]
+            for commit in shown
+            for exp in commit.get("experiments") or []
+            for rev in exp["revs"]
+            if rev.get("name") in queued
+        )
+        assert taus == [0, 0.01, 0.05, 0.1], taus
+    finally:
+        run([*dvc, "queue", "remove", "--queued"], repo_copy)
+
+
 def test_editing_one_sae_entry_reruns_exactly_its_evaluations(repo_copy):
     """foreach values live in cmd, so DVC tracks them: pointing `saes.ortho` at another directory
     reruns that entry's evaluations, nothing else (and nothing of the baseline)."""
