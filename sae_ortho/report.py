@@ -203,16 +203,22 @@ def comparisons(table: dict[str, dict[str, dict]], alpha: float) -> list[dict]:
 
 def efficiency(table: dict[str, dict[str, dict]]) -> dict[str, float | None]:
     """Absorption reduction efficiency: synthetic absorption removed (vs the baseline) per unit of
-    relative FVU increase; None where the arm costs nothing measurable or a figure is missing."""
+    relative FVU increase; None where a figure is missing or the FVU increase is within the larger
+    seed sd (a ratio over a cost that is seed noise is meaningless: it can be arbitrarily large)."""
     base = table.get("baseline", {})
     out = {}
     for arm, row in table.items():
         if arm == "baseline" or "synthetic_absorption" not in row or "fvu" not in row or "fvu" not in base:
             continue
         reduction = base["synthetic_absorption"]["mean"] - row["synthetic_absorption"]["mean"]
-        cost = (row["fvu"]["mean"] - base["fvu"]["mean"]) / base["fvu"]["mean"]
-        out[arm] = reduction / cost if cost > 1e-4 else None
+        increase = row["fvu"]["mean"] - base["fvu"]["mean"]
+        noise = max(_finite(row["fvu"].get("std")), _finite(base["fvu"].get("std")), 1e-9)
+        out[arm] = reduction / (increase / base["fvu"]["mean"]) if increase > noise else None
     return out
+
+
+def _finite(value: float | None) -> float:
+    return value if value is not None and math.isfinite(value) else 0.0
 
 
 def stage_times(r: StudyResults) -> dict[str, tuple[int, float]]:

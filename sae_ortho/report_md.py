@@ -133,8 +133,8 @@ def render(r: StudyResults, plots: list[str]) -> str:
     eff = efficiency(table)
     if eff:
         out += [
-            "Absorption reduction efficiency (synthetic absorption removed per unit of relative FVU increase): "
-            + "; ".join(f"{a} {_num(v, 3)}" for a, v in eff.items()),
+            "Absorption reduction efficiency (synthetic absorption removed per unit of relative FVU increase; "
+            "n/a where the FVU increase is within seed sd): " + "; ".join(f"{a} {_num(v, 3)}" for a, v in eff.items()),
             "",
         ]
     comps = comparisons(table, s.alpha)

@@ -126,3 +126,20 @@ def test_fresh_synthetic_seeds_must_not_overlap_the_selection_seeds():
     cmd = [sys.executable, "-m", "stages.study_synthetic_headline", "--arm", "best", "--seeds", "0", "7"]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "overlap the selection's synthetic.seeds" in result.stderr, result.stderr
+
+
+def test_efficiency_is_undefined_when_the_cost_is_seed_noise():
+    """A cost within seed sd would make absorption-removed-per-cost arbitrarily large: it must be None."""
+    from sae_ortho.report import efficiency
+
+    def row(absorption: float, fvu: float, fvu_std: float) -> dict:
+        return {"synthetic_absorption": {"mean": absorption}, "fvu": {"mean": fvu, "std": fvu_std}}
+
+    table = {
+        "baseline": row(0.76, 0.1337, 0.0011),
+        "noise_cost": row(0.75, 0.1339, 0.0007),
+        "real_cost": row(0.27, 0.1478, 0.0026),
+    }
+    eff = efficiency(table)
+    assert eff["noise_cost"] is None
+    assert eff["real_cost"] == pytest.approx(0.49 / (0.0141 / 0.1337))
