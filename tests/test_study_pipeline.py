@@ -22,9 +22,10 @@ TINY_STUDY = {
     "scaling_arms": ["best"],
     "headline_seeds": [0],
     # On the LM: the baseline, the selection and the control (the reference arms' LM runs take the same
-    # code path with another RunConfig, trained in test_train.py); all five run on the synthetic benchmark.
+    # code path with another RunConfig, trained in test_train.py); on fresh synthetic seeds the pair the
+    # selection could bias (the other arms take the same stage with another RunConfig).
     "headline_arms": ["baseline", "best", "control"],
-    "synthetic_extra": ["baseline", "best", "control", "matryoshka", "ortsae"],
+    "synthetic_extra": ["baseline", "best"],
     "heldout_contexts": 3,
     "sweep": {
         "baseline": {"penalty": "none"},
@@ -43,7 +44,7 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
     (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     ran = reproduced(repo_copy, "study/dvc.yaml")
     study_ran = [s for s in ran if s.startswith("study/")]
-    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 5 + 3 + 1 + 1, ran
+    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 2 + 3 + 1 + 1, ran
     assert {"extract", "llm_cache", "letter_cache"} <= set(ran) and "train" not in ran  # only what it reads
     status = run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy)
     assert json.loads(status.stdout) == {}
