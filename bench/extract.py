@@ -51,10 +51,10 @@ import pandas as pd
 import torch
 import yaml
 
-from sae_ortho import extract as extract_mod
-from sae_ortho.lm import load_model
-from sae_ortho.params import ExtractParams, Params
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.base.params import ExtractParams, Params
+from sae_ortho.data.lm import load_model
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.training.batches import extract as extract_mod
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path("metrics/bench_extract.json")
@@ -264,13 +264,13 @@ def interleaved(measures: dict[str, Measure], rounds: int, stored_tokens: int) -
 RSS_CHILD = """
 import ctypes, json, runpy, sys
 from pathlib import Path
-import sae_ortho.lm
+import sae_ortho.training.batches.lm
 
 def status_kib(key):
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
     return int(line.split()[1])
 
-load_model, peaks = sae_ortho.lm.load_model, {}
+load_model, peaks = sae_ortho.data.lm.load_model, {}
 
 def load_then_reset_peak(*args, **kwargs):
     model = load_model(*args, **kwargs)
@@ -279,7 +279,7 @@ def load_then_reset_peak(*args, **kwargs):
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS (Linux >= 4.0)
     return model
 
-sae_ortho.lm.load_model = load_then_reset_peak
+sae_ortho.data.lm.load_model = load_then_reset_peak
 runpy.run_module("stages.extract", run_name="__main__", alter_sys=True)
 peaks["extract"] = status_kib("VmHWM")
 Path(sys.argv[1]).write_text(json.dumps(peaks))

@@ -19,11 +19,11 @@ import time
 import warnings
 from pathlib import Path
 
-from sae_ortho import params as params_mod
-from sae_ortho.absorption import load_manifest, seed_result
-from sae_ortho.sae import SAE
-from sae_ortho.shards import ActivationShards, atomic_write_text
-from sae_ortho.train import RunConfig, train
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.evaluation.absorption import load_manifest, seed_result
+from sae_ortho.training.sae import SAE
+from sae_ortho.training.train import RunConfig, train
 
 # name -> overrides of params.yaml's `train` section
 ARMS: dict[str, dict] = {

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from sae_ortho.ortho import add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr, select_pairs_scipy
-from sae_ortho.params import TrainParams
-from sae_ortho.shards import ActivationShards, atomic_write_text
-from sae_ortho.train import RunConfig, Trainer
+from sae_ortho.base.params import TrainParams
+from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.training.ortho import add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr, select_pairs_scipy
+from sae_ortho.training.train import RunConfig, Trainer
 
 ARCHS = {"relu": ("relu", 32), "topk32": ("topk", 32), "topk64": ("topk", 64)}
 

@@ -1,4 +1,4 @@
-"""Stage `absorption@<sae>`: first-letter absorption of one SAE (library: sae_ortho/absorption.py).
+"""Stage `absorption@<sae>`: first-letter absorption of one SAE (library: sae_ortho/evaluation/absorption.py).
 
 `python -m stages.absorption --sae NAME --dir SAE_DIR` -> metrics/absorption/NAME.json, from the
 letter cache (no model needed).
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from sae_ortho import params as params_mod
-from sae_ortho.absorption import absorption_result, load_manifest
-from sae_ortho.sae import CONFIG_FILE, SAE
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.evaluation.absorption import absorption_result, load_manifest
+from sae_ortho.training.sae import CONFIG_FILE, SAE
 
 LETTERS_DIR = Path("data/letters")
 METRICS = Path("metrics/absorption")

@@ -1,4 +1,4 @@
-"""Stage `core@<sae>`: held-out core metrics of one SAE (library: sae_ortho/core.py).
+"""Stage `core@<sae>`: held-out core metrics of one SAE (library: sae_ortho/evaluation/core.py).
 
 `python -m stages.core --sae NAME --dir SAE_DIR` -> metrics/core/NAME.json, and per-context sums in
 data/core/NAME.safetensors (for confidence intervals on differences between SAEs). Exits non-zero when a
@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sae_ortho import params as params_mod
-from sae_ortho.core import core_metrics, science_failures
-from sae_ortho.heldout import HeldoutSet
-from sae_ortho.lm import ModelUnavailableError, load_model
-from sae_ortho.sae import SAE
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.evaluation.core import core_metrics, science_failures
+from sae_ortho.evaluation.heldout import HeldoutSet
+from sae_ortho.training.sae import SAE
 
 HELDOUT = Path("data/heldout")
 METRICS = Path("metrics/core")

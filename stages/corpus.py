@@ -1,11 +1,11 @@
-"""Stage `corpus`: training text and labelled probing datasets (library: sae_ortho/corpus.py)."""
+"""Stage `corpus`: training text and labelled probing datasets (library: sae_ortho/data/corpus.py)."""
 
 from __future__ import annotations
 
 import sys
 
-from sae_ortho.corpus import CorpusError, run
-from sae_ortho.params import load_or_exit
+from sae_ortho.base.params import load_or_exit
+from sae_ortho.data.corpus import CorpusError, run
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Stage `efficiency@<sae>`: absorption reduction per unit of cost against the baseline (sae_ortho/efficiency.py).
+"""Stage `efficiency@<sae>`: absorption reduction per unit of cost against the baseline
+(sae_ortho/analysis/efficiency.py).
 
 `python -m stages.efficiency --arm NAME` -> metrics/efficiency/NAME.json, from the metrics and
 per-context sums the evaluation stages wrote for NAME and for `baseline`.
@@ -12,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from sae_ortho.efficiency import arm_efficiency
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.analysis.efficiency import arm_efficiency
+from sae_ortho.data.shards import atomic_write_text
 
 BASELINE = "baseline"
 METRICS = Path("metrics/efficiency")

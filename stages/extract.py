@@ -1,14 +1,14 @@
-"""Stage `extract`: activations at the hook, as shards (library: sae_ortho/extract.py)."""
+"""Stage `extract`: activations at the hook, as shards (library: sae_ortho/data/extract.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from sae_ortho import params as params_mod
-from sae_ortho.extract import CORPUS, METRICS, extract
-from sae_ortho.lm import ModelUnavailableError, load_model
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.extract import CORPUS, METRICS, extract
+from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.shards import atomic_write_text
 
 
 def main() -> None:

@@ -1,14 +1,14 @@
 """Stage `headline`: the default pipeline's headline figures per SAE in metrics/headline.json (library:
-sae_ortho/headline.py), the one metrics file of the evaluation stages."""
+sae_ortho/analysis/headline.py), the one metrics file of the evaluation stages."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from sae_ortho import params as params_mod
-from sae_ortho.headline import METRICS, headline
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.analysis.headline import METRICS, headline
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import atomic_write_text
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Stage `letter_cache`: the LLM side of first-letter absorption, once for all SAEs (library: sae_ortho/letters.py).
+"""Stage `letter_cache`: the LLM side of first-letter absorption, once for all SAEs
+(library: sae_ortho/evaluation/letters.py).
 
 data/letters/seed_<s>/: the letter probe and its data in sae_bench's layout, the absorption prompts
 and their residuals at the word position; metrics/letter_cache.json: the probe's per-letter F1.
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from sae_ortho import params as params_mod
-from sae_ortho.letters import build_letter_cache, check_hook
-from sae_ortho.lm import ModelUnavailableError, load_model
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.evaluation.letters import build_letter_cache, check_hook
 
 LETTERS_DIR = Path("data/letters")
 METRICS = Path("metrics/letter_cache.json")

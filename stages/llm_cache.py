@@ -1,9 +1,9 @@
 """Stage `llm_cache`: every LLM-side computation the evaluations need, run once for all SAEs.
 
 - data/heldout/: held-out contexts (documents after the training stream), their activations and the
-  clean / zero- / mean-ablation CE losses (library: sae_ortho/heldout.py);
+  clean / zero- / mean-ablation CE losses (library: sae_ortho/evaluation/heldout.py);
 - data/probe_acts/: per-token residuals of the probing examples and the LLM-residual probe
-  baseline (library: sae_ortho/probing.py).
+  baseline (library: sae_ortho/evaluation/probing.py).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-from sae_ortho import params as params_mod
-from sae_ortho.heldout import build_heldout
-from sae_ortho.lm import ModelUnavailableError, load_model
-from sae_ortho.probing import check_tasks_available, collect_probe_activations
-from sae_ortho.shards import ActivationShards, atomic_write_text
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.evaluation.heldout import build_heldout
+from sae_ortho.evaluation.probing import check_tasks_available, collect_probe_activations
 
 CORPUS = Path("data/corpus.parquet")
 ACTIVATIONS = Path("data/activations")

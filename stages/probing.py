@@ -1,4 +1,4 @@
-"""Stage `probing@<sae>`: SAEBench sparse probing of one SAE (library: sae_ortho/probing.py).
+"""Stage `probing@<sae>`: SAEBench sparse probing of one SAE (library: sae_ortho/evaluation/probing.py).
 
 `python -m stages.probing --sae NAME --dir SAE_DIR` -> metrics/sparse_probing/NAME.json, from the
 activations cached by `llm_cache` in data/probe_acts (no model needed). Exits non-zero when the SAE's
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from sae_ortho import params as params_mod
-from sae_ortho.probing import check_probing_sanity, load_cache_manifest, sae_probe_results
-from sae_ortho.sae import CONFIG_FILE, SAE
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.evaluation.probing import check_probing_sanity, load_cache_manifest, sae_probe_results
+from sae_ortho.training.sae import CONFIG_FILE, SAE
 
 PROBE_ACTS = Path("data/probe_acts")
 METRICS = Path("metrics/sparse_probing")

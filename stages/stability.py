@@ -1,5 +1,5 @@
 """Stage `stability`: how stable the selected pairs and the features are, within a run and across seeds
-(library: sae_ortho/stability_analysis.py) -> metrics/stability.json and metrics/stability/*.png.
+(library: sae_ortho/analysis/stability_analysis.py) -> metrics/stability.json and metrics/stability/*.png.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sae_ortho import params as params_mod
-from sae_ortho import plots
-from sae_ortho import stability_analysis as sa
-from sae_ortho.heldout import HeldoutSet
-from sae_ortho.sae import CONFIG_FILE, SAE
-from sae_ortho.shards import atomic_write_text
+from sae_ortho.analysis import stability_analysis as sa
+from sae_ortho.base import params as params_mod
+from sae_ortho.base import plots
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.evaluation.heldout import HeldoutSet
+from sae_ortho.training.sae import CONFIG_FILE, SAE
 
 MODELS = Path("models")
 HELDOUT = Path("data/heldout")

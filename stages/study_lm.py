@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from sae_ortho import params as params_mod
-from sae_ortho.lm import ModelUnavailableError, load_model
-from sae_ortho.shards import ActivationShards, atomic_write_text
-from sae_ortho.study import arm_spec, load_study_or_exit, run_config_for
-from sae_ortho.study_eval import BrokenSAE, evaluate, pair_stability
-from sae_ortho.train import ACTIVATIONS, NonFiniteLoss, train
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.study.arms import arm_spec, load_study_or_exit, run_config_for
+from sae_ortho.study.evaluate import BrokenSAE, evaluate, pair_stability
+from sae_ortho.training.train import ACTIVATIONS, NonFiniteLoss, train
 
 MODELS = Path("models/study")
 METRICS = Path("metrics/study")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sae_ortho.report import StudyResults, comparisons, headline_json, headline_table
-from sae_ortho.report_md import render
-from sae_ortho.report_plots import PLOTS
-from sae_ortho.shards import atomic_write_text
-from sae_ortho.study import load_study_or_exit
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.study.arms import load_study_or_exit
+from sae_ortho.study.report import StudyResults, comparisons, headline_json, headline_table
+from sae_ortho.study.report_md import render
+from sae_ortho.study.report_plots import PLOTS
 
 REPORT = Path("metrics/report.md")
 PLOTS_DIR = Path("metrics/study/plots")

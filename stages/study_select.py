@@ -1,5 +1,5 @@
 """Stage `select` (study/dvc.yaml): the best orthogonality setting of the sweep, by the rule declared in
-study/params.yaml `selection` (sae_ortho/study.py select_arm), before any headline run reads it."""
+study/params.yaml `selection` (sae_ortho/study/arms.py select_arm), before any headline run reads it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from sae_ortho.params import ParamError
-from sae_ortho.shards import atomic_write_text
-from sae_ortho.study import SELECTED_ARM, SELECTION, load_study_or_exit, select_arm
+from sae_ortho.base.params import ParamError
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.study.arms import SELECTED_ARM, SELECTION, load_study_or_exit, select_arm
 
 METRICS = Path("metrics/study")
 

@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from sae_ortho import params as params_mod
-from sae_ortho.shards import atomic_write_text
-from sae_ortho.synthetic_arms import ARMS, run_arm
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.evaluation.synthetic_arms import ARMS, run_arm
 
 MODELS = Path("models/synthetic")
 METRICS = Path("metrics/synthetic")

@@ -1,4 +1,5 @@
-"""Stage `train` / `train_baseline`: one SAE, with or without the orthogonality term (library: sae_ortho/train.py).
+"""Stage `train` / `train_baseline`: one SAE, with or without the orthogonality term
+(library: sae_ortho/training/train.py).
 
 `--seed N` trains one of the stability analysis's extra seeds (stages `train_seed@N`, `train_baseline_seed@N`)
 into models/seeds/<name>_s<N>, metrics/train/seeds/<name>_s<N>.json; without it, the default SAE at `sae_seed`.
@@ -10,9 +11,9 @@ import argparse
 import json
 import sys
 
-from sae_ortho import params as params_mod
-from sae_ortho.shards import ActivationShards, atomic_write_text
-from sae_ortho.train import ACTIVATIONS, METRICS, MODELS, NonFiniteLoss, run_config, train
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.training.train import ACTIVATIONS, METRICS, MODELS, NonFiniteLoss, run_config, train
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ def write_small_corpus(path: Path, n_docs: int = 40) -> pd.DataFrame:
 
 @pytest.fixture(scope="session")
 def model():
-    from sae_ortho.lm import load_model
+    from sae_ortho.data.lm import load_model
 
     return load_model("smollm2-135m")
 

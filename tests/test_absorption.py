@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_ortho.absorption import CachedModel, absorption_result, load_manifest
-from sae_ortho.letters import LETTERS, PROMPT_ACTS, PROMPTS, build_letter_cache, check_hook, sample_words
-from sae_ortho.params import AbsorptionParams, LettersParams, Params
+from sae_ortho.base.params import AbsorptionParams, LettersParams, Params
+from sae_ortho.evaluation.absorption import CachedModel, absorption_result, load_manifest
+from sae_ortho.evaluation.letters import LETTERS, PROMPT_ACTS, PROMPTS, build_letter_cache, check_hook, sample_words
 
 AP = AbsorptionParams(bootstrap=200)
 

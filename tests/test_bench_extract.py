@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bench.extract import run_saelens, saelens_config, stdlib_docstring_corpus, token_bodies, token_rows
-from sae_ortho.extract import extract
-from sae_ortho.params import ExtractParams, Params
-from sae_ortho.shards import ActivationShards
+from sae_ortho.base.params import ExtractParams, Params
+from sae_ortho.data.extract import extract
+from sae_ortho.data.shards import ActivationShards
 
 
 @pytest.mark.parametrize("n_contexts", [16, 144, 1600])

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from sae_ortho.core import core_metrics, decoder_geometry_all_pairs, science_failures
-from sae_ortho.extract import extract
-from sae_ortho.heldout import HeldoutSet, build_heldout, spliced_losses
-from sae_ortho.params import CoreParams, ExtractParams, HeldoutParams, Params, TrainParams
-from sae_ortho.sae import SAE
-from sae_ortho.shards import ActivationShards
-from sae_ortho.train import RunConfig, train
+from sae_ortho.base.params import CoreParams, ExtractParams, HeldoutParams, Params, TrainParams
+from sae_ortho.data.extract import extract
+from sae_ortho.data.shards import ActivationShards
+from sae_ortho.evaluation.core import core_metrics, decoder_geometry_all_pairs, science_failures
+from sae_ortho.evaluation.heldout import HeldoutSet, build_heldout, spliced_losses
+from sae_ortho.training.sae import SAE
+from sae_ortho.training.train import RunConfig, train
 from tests.conftest import write_small_corpus
 
 CP = CoreParams(pair_batch_size=128, pair_fraction=0.01)
@@ -139,7 +139,7 @@ def test_decoder_geometry_against_a_dense_reference():
 
 def test_high_norm_tail_is_split_out(setup):
     _, _, hs, sae = setup
-    from sae_ortho.core import reconstruction_metrics
+    from sae_ortho.evaluation.core import reconstruction_metrics
 
     x = hs.token_acts()
     with torch.no_grad():

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sae_ortho import corpus as corpus_stage
-from sae_ortho.corpus import PINS, CorpusError
-from sae_ortho.params import DataParams, Params
+from sae_ortho.base.params import DataParams, Params
+from sae_ortho.data.corpus import PINS, CorpusError
+from sae_ortho.training.batches import corpus as corpus_stage
 
 PARAMS = Params()
 

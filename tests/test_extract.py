@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from sae_ortho.extract import extract
-from sae_ortho.params import ExtractParams, Params
-from sae_ortho.shards import ActivationShards, sha256_file
+from sae_ortho.base.params import ExtractParams, Params
+from sae_ortho.data.extract import extract
+from sae_ortho.data.shards import ActivationShards, sha256_file
 from tests.conftest import stage_env, write_small_corpus
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae_ortho.lm import ModelUnavailableError, load_model, load_smollm2_hf
+from sae_ortho.data.lm import ModelUnavailableError, load_model, load_smollm2_hf
 
 
 def test_tl_logits_match_hf(model):
@@ -45,7 +45,7 @@ def test_model_cache_round_trip_is_exact(monkeypatch, tmp_path, model):
     """The per-machine cache of the converted model gives the same weights, logits and tokenizer.
     (The session's `model` came through load_model, so the conversion itself is covered by
     test_tl_logits_match_hf; here the cache is written from it and read back.)"""
-    from sae_ortho.lm import _load_model_cache, _save_model_cache, model_cache_dir
+    from sae_ortho.data.lm import _load_model_cache, _save_model_cache, model_cache_dir
 
     monkeypatch.setenv("SAE_ORTHO_CACHE", str(tmp_path))
     directory = model_cache_dir()

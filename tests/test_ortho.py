@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sae_ortho.ortho import (
+from sae_ortho.training.ortho import (
     TauSchedule,
     add_ortho_grad_,
     ortho_loss,

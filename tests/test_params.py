@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from sae_ortho.params import ParamError, load
+from sae_ortho.base.params import ParamError, load
 from tests.conftest import REPO, stage_env
 
 

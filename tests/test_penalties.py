@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sae_ortho.ortho import TauSchedule, codes_to_csr, ortho_loss, pair_budget
-from sae_ortho.penalties import OrtSAEChunks, RandomPairs, TopKCoactivation
-from sae_ortho.sparse_ops import ActiveCodes
+from sae_ortho.training.ortho import TauSchedule, codes_to_csr, ortho_loss, pair_budget
+from sae_ortho.training.penalties import OrtSAEChunks, RandomPairs, TopKCoactivation
+from sae_ortho.training.sparse_ops import ActiveCodes
 
 
 def csr_codes(f: torch.Tensor) -> ActiveCodes:

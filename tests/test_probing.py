@@ -1,4 +1,4 @@
-"""Tests for sae_ortho/probing.py and stages/probing.py: SAEBench sparse probing on cached activations.
+"""Tests for sae_ortho/evaluation/probing.py and stages/probing.py: SAEBench sparse probing on cached activations.
 
 Synthetic per-token activations (no model) drive the SAE side through the real code path: a planted
 direction must be found by a latent that reads it, an all-zero SAE must trip the sanity check. One
@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from sae_ortho import probing
-from sae_ortho.params import Params, ProbingParams
-from sae_ortho.sae import SAE, SAEConfig
+from sae_ortho.base.params import Params, ProbingParams
+from sae_ortho.evaluation import probing
+from sae_ortho.training.sae import SAE, SAEConfig
 
 D = 16
 PLANTED, CONTROL = "language_id", "party"  # synthetic tasks borrow two offline task names

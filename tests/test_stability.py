@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_ortho import matching
-from sae_ortho import stability as st
-from sae_ortho import stability_analysis as sa
-from sae_ortho.core import unit_rows
-from sae_ortho.params import StabilityParams
+from sae_ortho.analysis import matching
+from sae_ortho.analysis import stability as st
+from sae_ortho.analysis import stability_analysis as sa
+from sae_ortho.base.params import StabilityParams
+from sae_ortho.evaluation.core import unit_rows
 
 D = 64
 
@@ -105,8 +105,8 @@ def test_link_finds_planted_persistent_pairs_on_flagged_latents():
 
 
 def test_snapshot_stability_is_one_for_identical_snapshots(tmp_path):
-    from sae_ortho.sae import SAE, SAEConfig
-    from sae_ortho.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
+    from sae_ortho.training.sae import SAE, SAEConfig
+    from sae_ortho.training.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
 
     sae = SAE(SAEConfig(d_in=16, d_sae=D, k=4))
     sae.save(tmp_path / "sae")

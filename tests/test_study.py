@@ -5,9 +5,9 @@ from dataclasses import asdict
 
 import pytest
 
-from sae_ortho.params import ParamError, Params, TrainParams
-from sae_ortho.report import comparisons
-from sae_ortho.study import Arm, Selection, StudyParams, arm_spec, holm, run_config_for, select_arm
+from sae_ortho.base.params import ParamError, Params, TrainParams
+from sae_ortho.study.arms import Arm, Selection, StudyParams, arm_spec, holm, run_config_for, select_arm
+from sae_ortho.study.report import comparisons
 
 SWEEP = {
     "baseline": Arm(penalty="none"),
@@ -130,7 +130,7 @@ def test_fresh_synthetic_seeds_must_not_overlap_the_selection_seeds():
 
 def test_efficiency_is_undefined_when_the_cost_is_seed_noise():
     """A cost within seed sd would make absorption-removed-per-cost arbitrarily large: it must be None."""
-    from sae_ortho.report import efficiency
+    from sae_ortho.study.report import efficiency
 
     def row(absorption: float, fvu: float, fvu_std: float) -> dict:
         return {"synthetic_absorption": {"mean": absorption}, "fvu": {"mean": fvu, "std": fvu_std}}

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from sae_ortho.extract import extract
-from sae_ortho.params import ExtractParams, OrthoParams, ParamError, Params, TrainParams, load
-from sae_ortho.sae import SAE
-from sae_ortho.shards import ActivationShards
-from sae_ortho.sparse_ops import dense_pre_acts
-from sae_ortho.train import NonFiniteLoss, RunConfig, Trainer, train
+from sae_ortho.base.params import ExtractParams, OrthoParams, ParamError, Params, TrainParams, load
+from sae_ortho.data.extract import extract
+from sae_ortho.data.shards import ActivationShards
+from sae_ortho.training.sae import SAE
+from sae_ortho.training.sparse_ops import dense_pre_acts
+from sae_ortho.training.train import NonFiniteLoss, RunConfig, Trainer, train
 from tests.conftest import stage_env, write_small_corpus
 
 TINY = TrainParams(
@@ -143,7 +143,7 @@ def test_interrupted_training_resumes_to_the_same_weights(shards, tmp_path):
 
 
 def test_snapshots_are_taken_evenly_and_survive_a_resume(shards, tmp_path):
-    from sae_ortho.snapshots import SNAPSHOTS, load_snapshots
+    from sae_ortho.training.snapshots import SNAPSHOTS, load_snapshots
 
     cfg = RunConfig(replace(TINY, snapshots=4), seed=2)  # the baseline: no pair log, snapshots all the same
     run(cfg, shards, tmp_path, "s", max_steps=15)  # interrupted after the first snapshot (step 10)
@@ -156,7 +156,7 @@ def test_snapshots_are_taken_evenly_and_survive_a_resume(shards, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
-    import sae_ortho.train as train_mod
+    import sae_ortho.training.train as train_mod
 
     real = train_mod.shuffled_batches
 

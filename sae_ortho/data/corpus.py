@@ -29,8 +29,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from sae_ortho.params import DataParams, Params
-from sae_ortho.shards import sha256_file
+from sae_ortho.base.params import DataParams, Params
+from sae_ortho.data.shards import sha256_file
 
 
 class CorpusError(RuntimeError):

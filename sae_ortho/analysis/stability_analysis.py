@@ -1,7 +1,7 @@
 """The stability stage's analysis: kept-pair stability within a run (training pair log and snapshots),
 feature and pair stability across SAE seeds, and the link to the latents absorption flagged.
 
-Every figure comes with its null and the margin over it (sae_ortho/stability.py, sae_ortho/matching.py).
+Every figure comes with its null and the margin over it (analysis/stability.py, analysis/matching.py).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sae_ortho import matching
-from sae_ortho import stability as st
-from sae_ortho.core import unit_rows
-from sae_ortho.ortho import pair_budget
-from sae_ortho.params import StabilityParams
-from sae_ortho.sae import CONFIG_FILE, SAE
-from sae_ortho.snapshots import SNAPSHOTS, load_snapshots
+from sae_ortho.analysis import matching
+from sae_ortho.analysis import stability as st
+from sae_ortho.base.params import StabilityParams
+from sae_ortho.evaluation.core import unit_rows
+from sae_ortho.training.ortho import pair_budget
+from sae_ortho.training.sae import CONFIG_FILE, SAE
+from sae_ortho.training.snapshots import SNAPSHOTS, load_snapshots
 
 PERSISTENT_SHARE = 0.5  # a pair kept in at least half of the logged sets is "persistent"
 # One draw of each matching null: each is a full d_sae x d_sae assignment, and over 4608 matched

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sae_ortho.core import unit_rows
+from sae_ortho.evaluation.core import unit_rows
 
 
 def match_decoders(w_a: torch.Tensor, w_b: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

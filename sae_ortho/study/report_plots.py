@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_ortho.plots import plt, save_png
-from sae_ortho.report import MODELS, StudyResults, lm_figures, synthetic_per_seed
+from sae_ortho.base.plots import plt, save_png
+from sae_ortho.study.report import MODELS, StudyResults, lm_figures, synthetic_per_seed
 
 
 def _schedule(settings: dict) -> str:

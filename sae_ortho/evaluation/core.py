@@ -19,9 +19,9 @@ import math
 
 import torch
 
-from sae_ortho.heldout import HeldoutSet, spliced_losses
-from sae_ortho.ortho import select_pairs
-from sae_ortho.params import CoreParams
+from sae_ortho.base.params import CoreParams
+from sae_ortho.evaluation.heldout import HeldoutSet, spliced_losses
+from sae_ortho.training.ortho import select_pairs
 
 COS_THRESHOLDS = (0.3, 0.5, 0.9)
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sae_ortho.extract import document_tokens, fill_stream
-from sae_ortho.params import Params
-from sae_ortho.shards import ActivationShards, atomic_write_text
+from sae_ortho.base.params import Params
+from sae_ortho.data.extract import document_tokens, fill_stream
+from sae_ortho.data.shards import ActivationShards, atomic_write_text
 
 TENSORS = "heldout.safetensors"
 MANIFEST = "manifest.json"

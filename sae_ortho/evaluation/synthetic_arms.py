@@ -1,6 +1,6 @@
 """One arm of the synthetic evaluation (stages `synthetic_baseline`, `synthetic_ortho`): train an SAE
 per (hierarchy, seed) with our trainer on streamed synthetic batches, evaluate it
-(sae_ortho/synthetic.py), aggregate over seeds with pair-bootstrap intervals."""
+(sae_ortho/evaluation/synthetic.py), aggregate over seeds with pair-bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -21,10 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae_ortho.ortho import pair_budget
-from sae_ortho.params import Params, SyntheticHierarchy, SyntheticParams
-from sae_ortho.sae import SAE
-from sae_ortho.synthetic import (
+from sae_ortho.base.params import Params, SyntheticHierarchy, SyntheticParams
+from sae_ortho.evaluation.synthetic import (
     PAIR_KINDS,
     SyntheticSource,
     bootstrap_ci,
@@ -33,7 +31,9 @@ from sae_ortho.synthetic import (
     kept_pair_kinds,
     parent_child_pairs,
 )
-from sae_ortho.train import RunConfig, run_config, train
+from sae_ortho.training.ortho import pair_budget
+from sae_ortho.training.sae import SAE
+from sae_ortho.training.train import RunConfig, run_config, train
 
 ARMS = ("baseline", "ortho")  # the LM's arms (run_config); the study's arms join here
 

@@ -18,13 +18,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from sae_ortho import stability as st
-from sae_ortho.absorption import absorption_result
-from sae_ortho.core import core_metrics, science_failures
-from sae_ortho.heldout import HeldoutSet
-from sae_ortho.params import Params
-from sae_ortho.probing import check_probing_sanity, sae_probe_results
-from sae_ortho.sae import SAE
+from sae_ortho.analysis import stability as st
+from sae_ortho.base.params import Params
+from sae_ortho.evaluation.absorption import absorption_result
+from sae_ortho.evaluation.core import core_metrics, science_failures
+from sae_ortho.evaluation.heldout import HeldoutSet
+from sae_ortho.evaluation.probing import check_probing_sanity, sae_probe_results
+from sae_ortho.training.sae import SAE
 
 HELDOUT = Path("data/heldout")
 LETTERS = Path("data/letters")
@@ -103,7 +103,7 @@ def evaluate(
 
 def pair_stability(sae_dir: Path, d_sae: int, null_draws: int = 2, seed: int = 0) -> dict | None:
     """Jaccard of the penalised pair sets of the training log at a lag of one log and of 10% / 50% of
-    the run, against the degree-preserving null (sae_ortho/stability.py); the curve against lag goes
+    the run, against the degree-preserving null (sae_ortho/analysis/stability.py); the curve against lag goes
     to `sae_dir/eval/pairs.json`. None for arms without a pair penalty."""
     path = sae_dir / "pairs.parquet"
     if not path.exists():

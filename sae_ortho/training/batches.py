@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from sae_ortho.shards import ActivationShards
+from sae_ortho.data.shards import ActivationShards
 
 
 def shuffled_batches(

@@ -10,7 +10,7 @@ seed (the seed draws the vocabulary sample, the probe's train/test split and eve
    folder layout sae_bench's loaders read (`<seed>/probes/<model_name>/layer_<L>/`);
 3. the prompts sae_bench's `FeatureAbsorptionCalculator` would build for the words it examines (test
    words of each letter the probe scores positive), built by that class itself under the seed, and
-   their residuals at the word position, so the SAE side (sae_ortho/absorption.py) never runs the model.
+   their residuals at the word position, so the SAE side (sae_ortho/evaluation/absorption.py) never runs the model.
 
 Why by hand: sae_bench's `run_eval` loads the model from the hub, runs all 30 layers, and trains the
 probe on the full 47k-word vocabulary when its files are missing (hours on CPU). The pieces it calls
@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from sae_ortho.params import LettersParams, Params
+from sae_ortho.base.params import LettersParams, Params
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 MANIFEST = "manifest.json"

@@ -1,6 +1,6 @@
 """First-letter absorption, SAE side (stage `absorption@<sae>`): sae_bench's own code on cached residuals.
 
-Per seed of the letter cache (sae_ortho/letters.py) and per SAE:
+Per seed of the letter cache (sae_ortho/evaluation/letters.py) and per SAE:
 - `run_k_sparse_probing_experiment`: an L1 probe on the SAE latents picks each letter's top-k latents
   (k = 1..max_k), sklearn fits k-sparse probes, F1 on the test words, feature splits by F1 jumps;
 - `load_and_run_calculate_projections_and_cos_sims` with sae_bench's `FeatureAbsorptionCalculator`
@@ -28,8 +28,8 @@ import torch
 from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
 from safetensors.torch import load_file
 
-from sae_ortho.letters import LETTERS, MANIFEST, PROMPT_ACTS, PROMPTS, TOKENIZER
-from sae_ortho.params import AbsorptionParams
+from sae_ortho.base.params import AbsorptionParams
+from sae_ortho.evaluation.letters import LETTERS, MANIFEST, PROMPT_ACTS, PROMPTS, TOKENIZER
 
 
 class CachedModel:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sae_ortho.ortho import select_pairs
+from sae_ortho.training.ortho import select_pairs
 
 
 def pair_ids(i: np.ndarray, j: np.ndarray, d_sae: int) -> np.ndarray:

@@ -403,7 +403,7 @@ class Params:
         return f"blocks.{self.layer}.hook_{self.hook}"
 
     def validate(self) -> None:
-        from sae_ortho.lm import EMBEDDED_MODELS, model_n_layers
+        from sae_ortho.data.lm import EMBEDDED_MODELS, model_n_layers
 
         if self.model not in EMBEDDED_MODELS:
             from transformer_lens.loading_from_pretrained import get_official_model_name

@@ -16,9 +16,9 @@ this module adds it:
 - bootstrap CIs resample pairs (the same resampled pairs in every seed, so the interval covers
   the seed-mean).
 
-SAEs are trained by our own trainer (`sae_ortho.train.train`, orthogonality loss included)
+SAEs are trained by our own trainer (`sae_ortho.training.train.train`, orthogonality loss included)
 streaming batches from the synthetic model through `SyntheticSource`, a `BatchSource`; the arms
-are run and aggregated in sae_ortho/synthetic_arms.py.
+are run and aggregated in sae_ortho/evaluation/synthetic_arms.py.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sae_ortho.params import SyntheticHierarchy, SyntheticParams
-from sae_ortho.sae import SAE
+from sae_ortho.base.params import SyntheticHierarchy, SyntheticParams
+from sae_ortho.training.sae import SAE
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: stages fail on bad params before that
     from sae_lens.synthetic import SyntheticModel
@@ -104,7 +104,7 @@ def parent_child_pairs(model: SyntheticModel) -> np.ndarray:
 
 @dataclass
 class SyntheticSource:
-    """SAELens's synthetic model as a trainer BatchSource (sae_ortho.train): endless batches drawn
+    """SAELens's synthetic model as a trainer BatchSource (sae_ortho.training.train): endless batches drawn
     under an RNG stream seeded by the training seed; no shards."""
 
     model: SyntheticModel

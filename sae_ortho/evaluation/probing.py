@@ -49,8 +49,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from sae_ortho.params import OFFLINE_TASKS, SAEBENCH_HUB_TASKS, Params
-from sae_ortho.shards import atomic_write_text, sha256_file
+from sae_ortho.base.params import OFFLINE_TASKS, SAEBENCH_HUB_TASKS, Params
+from sae_ortho.data.shards import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"

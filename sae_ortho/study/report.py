@@ -1,5 +1,5 @@
 """The study's results (stage `report` of study/dvc.yaml): loading, headline table, tests between arms
-(the markdown: sae_ortho/report_md.py; the plots: sae_ortho/report_plots.py).
+(the markdown: sae_ortho/study/report_md.py; the plots: sae_ortho/study/report_plots.py).
 
 Every figure is read from the study's metrics files (metrics/study/...), which the committed
 study/dvc.lock pins. A difference from the baseline *counts* only when all three hold:
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from sae_ortho.study import StudyParams, holm
+from sae_ortho.study.arms import StudyParams, holm
 
 METRICS = Path("metrics/study")
 MODELS = Path("models/study")

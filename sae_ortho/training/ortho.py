@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from sae_ortho import kernels
+from sae_ortho.training import kernels
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sae_ortho.ortho import PairSelection, add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr
+from sae_ortho.training.ortho import PairSelection, add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr
 
 
 @dataclass

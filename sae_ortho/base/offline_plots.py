@@ -4,7 +4,7 @@ DVC's default page loads vega, vega-lite and vega-embed from a CDN, so on a mach
 the page is blank. This template inlines the versions DVC's renderer pins (dvc_render/vega.py), taken
 once from the npm registry by name and version and checked against the sha256 recorded below, and
 has no `{scripts}` placeholder, so DVC adds no remote script tags. Rebuild (network to
-registry.npmjs.org needed once): `python -m sae_ortho.offline_plots`.
+registry.npmjs.org needed once): `python -m sae_ortho.base.offline_plots`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""metrics/report.md of the study (stage `report`): the markdown tables built from sae_ortho/report.py's
+"""metrics/report.md of the study (stage `report`): the markdown tables built from sae_ortho/study/report.py's
 results and statistics."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from sae_ortho.report import (
+from sae_ortho.study.report import (
     FIGURES,
     StudyResults,
     comparisons,

@@ -11,7 +11,7 @@ then the decoder gradient's component along each row is removed, Adam steps, and
 renormalised to unit L2 norm. Checkpoints every `checkpoint_every` steps in `models/.ckpt_<name>/`
 let a killed run resume where it stopped; a non-finite loss stops with the step number and keeps
 the last good checkpoint. Batches come from a `BatchSource`: the extraction shards by default,
-or any stream of [batch, d_in] tensors (the synthetic stage, sae_ortho/synthetic.py).
+or any stream of [batch, d_in] tensors (the synthetic stage, sae_ortho/evaluation/synthetic.py).
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from sae_ortho import params as params_mod
-from sae_ortho.data import shuffled_batches
-from sae_ortho.ortho import TauSchedule
-from sae_ortho.penalties import DecoderPenalty, OrtSAEChunks, RandomPairs, TopKCoactivation
-from sae_ortho.sae import SAE, SAEConfig
-from sae_ortho.shards import ActivationShards
-from sae_ortho.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
-from sae_ortho.sparse_ops import (
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import ActivationShards
+from sae_ortho.training.batches import shuffled_batches
+from sae_ortho.training.ortho import TauSchedule
+from sae_ortho.training.penalties import DecoderPenalty, OrtSAEChunks, RandomPairs, TopKCoactivation
+from sae_ortho.training.sae import SAE, SAEConfig
+from sae_ortho.training.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
+from sae_ortho.training.sparse_ops import (
     ActiveCodes,
     decode_active,
     dense_pre_acts,
@@ -70,7 +70,7 @@ class RunConfig:
     topk_fraction: float = 0.001
     tau_schedule: str = "fixed"
     ortho: params_mod.OrthoParams = field(default_factory=params_mod.OrthoParams)
-    # The study's arms (sae_ortho/study.py); the defaults are the pipeline's two SAEs.
+    # The study's arms (sae_ortho/study/arms.py); the defaults are the pipeline's two SAEs.
     penalty: str = "topk"  # topk (co-activation) | random (control) | ortsae (all pairs, random chunks)
     tau_decay: float = 0.999  # tau_schedule "decay": tau_t = tau * tau_decay**t (the earlier attempt's rule)
     ortsae_chunk: int = 1024  # ortsae: latents per random chunk

@@ -1,0 +1,1 @@
+"""The base every layer stands on: parameters and their schema, atomic I/O, paths, statistics, plotting."""

@@ -1,0 +1,1 @@
+"""Pipeline step 4: held-out core metrics, sparse probing, first-letter and ground-truth (synthetic) absorption."""
