@@ -51,9 +51,9 @@ import pandas as pd
 import torch
 import yaml
 
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import ExtractParams, Params
 from sae_ortho.data.lm import load_model
-from sae_ortho.data.shards import atomic_write_text
 from sae_ortho.training.batches import extract as extract_mod
 
 REPO = Path(__file__).resolve().parents[1]

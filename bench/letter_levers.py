@@ -20,7 +20,8 @@ import warnings
 from pathlib import Path
 
 from sae_ortho.base import params as params_mod
-from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.base.io import atomic_write_text
+from sae_ortho.data.shards import ActivationShards
 from sae_ortho.evaluation.absorption import load_manifest, seed_result
 from sae_ortho.training.sae import SAE
 from sae_ortho.training.train import RunConfig, train

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import TrainParams
-from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.ortho import add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr, select_pairs_scipy
 from sae_ortho.training.train import RunConfig, Trainer
 

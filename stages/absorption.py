@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sae_ortho.base import params as params_mod
-from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.evaluation.absorption import absorption_result, load_manifest
 from sae_ortho.training.sae import CONFIG_FILE, SAE
 

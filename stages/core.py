@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.io import atomic_file, atomic_write_text
 from sae_ortho.data.lm import ModelUnavailableError, load_model
-from sae_ortho.data.shards import atomic_write_text
 from sae_ortho.evaluation.core import core_metrics, science_failures
 from sae_ortho.evaluation.heldout import HeldoutSet
 from sae_ortho.training.sae import SAE
@@ -56,9 +55,8 @@ def main() -> None:
     metrics = {"sae": args.sae, "dir": str(args.dir), **metrics, "seconds": round(time.perf_counter() - t0, 1)}
     METRICS.mkdir(parents=True, exist_ok=True)
     PER_CONTEXT.mkdir(parents=True, exist_ok=True)
-    tmp = PER_CONTEXT / f".{args.sae}.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in per_context.items()}, str(tmp))
-    os.replace(tmp, PER_CONTEXT / f"{args.sae}.safetensors")
+    with atomic_file(PER_CONTEXT / f"{args.sae}.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in per_context.items()}, str(tmp))
     atomic_write_text(METRICS / f"{args.sae}.json", json.dumps(metrics, indent=2) + "\n")
     fails = science_failures(metrics)
     if fails:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sae_ortho.analysis.efficiency import arm_efficiency
-from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.base.io import atomic_write_text
 
 BASELINE = "baseline"
 METRICS = Path("metrics/efficiency")

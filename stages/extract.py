@@ -6,9 +6,9 @@ import json
 import sys
 
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.data.extract import CORPUS, METRICS, extract
 from sae_ortho.data.lm import ModelUnavailableError, load_model
-from sae_ortho.data.shards import atomic_write_text
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import sys
 
 from sae_ortho.analysis.headline import METRICS, headline
 from sae_ortho.base import params as params_mod
-from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.base.io import atomic_write_text
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.data.lm import ModelUnavailableError, load_model
-from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.data.shards import ActivationShards
 from sae_ortho.evaluation.heldout import build_heldout
 from sae_ortho.evaluation.probing import check_tasks_available, collect_probe_activations
 

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import ParamError
-from sae_ortho.data.shards import atomic_write_text
 from sae_ortho.study.arms import SELECTED_ARM, SELECTION, load_study_or_exit, select_arm
 
 METRICS = Path("metrics/study")

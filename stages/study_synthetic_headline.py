@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sae_ortho.base import params as params_mod
-from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.evaluation.synthetic_arms import run_arm
 from sae_ortho.study.arms import arm_spec, load_study_or_exit, run_config_for
 from stages.study_synthetic import compact

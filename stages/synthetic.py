@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from sae_ortho.base import params as params_mod
-from sae_ortho.data.shards import atomic_write_text
+from sae_ortho.base.io import atomic_write_text
 from sae_ortho.evaluation.synthetic_arms import ARMS, run_arm
 
 MODELS = Path("models/synthetic")

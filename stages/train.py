@@ -12,7 +12,8 @@ import json
 import sys
 
 from sae_ortho.base import params as params_mod
-from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.base.io import atomic_write_text
+from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.train import ACTIVATIONS, METRICS, MODELS, NonFiniteLoss, run_config, train
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
+from sae_ortho.base.io import sha256_file
 from sae_ortho.base.params import ExtractParams, Params
 from sae_ortho.data.extract import extract
-from sae_ortho.data.shards import ActivationShards, sha256_file
+from sae_ortho.data.shards import ActivationShards
 from tests.conftest import stage_env, write_small_corpus
 
 

@@ -403,18 +403,13 @@ class Params:
         return f"blocks.{self.layer}.hook_{self.hook}"
 
     def validate(self) -> None:
-        from sae_ortho.data.lm import EMBEDDED_MODELS, model_n_layers
+        from sae_ortho.base.model_names import is_known_model, model_n_layers
 
-        if self.model not in EMBEDDED_MODELS:
-            from transformer_lens.loading_from_pretrained import get_official_model_name
-
-            try:
-                get_official_model_name(self.model)
-            except ValueError:
-                raise ParamError(
-                    f"model: unknown model {self.model!r}; use 'smollm2-135m' (embedded, offline) "
-                    "or a transformer_lens model name such as gpt2"
-                ) from None
+        if not is_known_model(self.model):
+            raise ParamError(
+                f"model: unknown model {self.model!r}; use 'smollm2-135m' (embedded, offline) "
+                "or a transformer_lens model name such as gpt2"
+            )
         _check(self.layer >= 0, "layer", "must be >= 0")
         n_layers = model_n_layers(self.model)
         if n_layers is not None:

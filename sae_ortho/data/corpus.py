@@ -29,8 +29,8 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from sae_ortho.base.io import atomic_file, atomic_write_text, sha256_file
 from sae_ortho.base.params import DataParams, Params
-from sae_ortho.data.shards import sha256_file
 
 
 class CorpusError(RuntimeError):
@@ -586,23 +586,13 @@ def build_probing_tasks(
 # Outputs
 
 
-def _atomic(path: Path, write) -> None:
-    """Write via a temporary file in the same directory, so DVC never sees a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+    with atomic_file(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def write_json(obj: dict, path: Path) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def corpus_metrics(

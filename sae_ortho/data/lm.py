@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-EMBEDDED_MODELS = {"smollm2-135m"}
+from sae_ortho.base.model_names import EMBEDDED_MODELS
+
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Unique name: SAEBench keys its probe folders by model.cfg.model_name.
 SMOLLM2_TL_NAME = "smollm2-135m-instruct-q4_1"
@@ -203,15 +204,3 @@ def load_model(name: str, device: str = "cpu"):
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); "
             "download it once with network access, or use model: smollm2-135m"
         ) from err
-
-
-def model_n_layers(name: str) -> int | None:
-    """Depth of `name` without loading weights, where cheaply known (for parameter validation)."""
-    if name in EMBEDDED_MODELS:
-        return 30
-    try:
-        from transformer_lens import loading_from_pretrained as tl_loading
-
-        return tl_loading.get_pretrained_model_config(name).n_layers
-    except Exception:  # noqa: BLE001 - config needs the hub; load_model will give the clear error
-        return None

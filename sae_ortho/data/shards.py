@@ -12,9 +12,7 @@ sees a half-written shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,23 +23,11 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_ortho.base.io import atomic_file, atomic_write_text, sha256_file
+
 MANIFEST = "manifest.json"
 TENSOR_KEY = "activations"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -75,16 +61,14 @@ def write_shard(
     """Write one shard and its index atomically; return what the manifest needs."""
     name = shard_name(shard_idx)
     path = directory / name
-    tmp = directory / f".{name}.tmp"
-    save_file({TENSOR_KEY: activations.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({TENSOR_KEY: activations.contiguous()}, str(tmp))
 
     index_dir = directory / "index"
     index_dir.mkdir(exist_ok=True)
     index_path = index_dir / name.replace(".safetensors", ".parquet")
-    tmp_index = index_dir / f".{index_path.name}.tmp"
-    pq.write_table(pa.table(index), tmp_index)
-    os.replace(tmp_index, index_path)
+    with atomic_file(index_path) as tmp_index:
+        pq.write_table(pa.table(index), tmp_index)
 
     # numpy float64, single-threaded: torch's fp32 sum depends on how many threads the writer thread
     # got (it runs beside the next forward pass), which made the manifest's norm statistics, and so

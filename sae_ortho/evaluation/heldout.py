@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sae_ortho.base.io import atomic_dir, atomic_write_text
 from sae_ortho.base.params import Params
 from sae_ortho.data.extract import document_tokens, fill_stream
-from sae_ortho.data.shards import ActivationShards, atomic_write_text
+from sae_ortho.data.shards import ActivationShards
 
 TENSORS = "heldout.safetensors"
 MANIFEST = "manifest.json"
@@ -226,22 +226,18 @@ def build_heldout(
         "norm_median": norms.median().item(),
         "mean_ablation": "mean of the training activations (data/activations)",
     }
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {
-            "tokens": tokens,
-            "doc_ids": torch.from_numpy(doc_ids),
-            "resid_pre": hs.resid_pre.contiguous(),
-            "acts": hs.acts.contiguous(),
-            "train_mean": mean,
-            **{f"ce_{name}": r["ce"].contiguous() for name, r in refs.items()},
-            **{f"kl_{name}": r["kl"].contiguous() for name, r in refs.items() if name != "clean"},
-        },
-        str(tmp / TENSORS),
-    )
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(
+            {
+                "tokens": tokens,
+                "doc_ids": torch.from_numpy(doc_ids),
+                "resid_pre": hs.resid_pre.contiguous(),
+                "acts": hs.acts.contiguous(),
+                "train_mean": mean,
+                **{f"ce_{name}": r["ce"].contiguous() for name, r in refs.items()},
+                **{f"kl_{name}": r["kl"].contiguous() for name, r in refs.items() if name != "clean"},
+            },
+            str(tmp / TENSORS),
+        )
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
     return manifest

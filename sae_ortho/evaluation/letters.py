@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from sae_ortho.base.io import atomic_dir
 from sae_ortho.base.params import LettersParams, Params
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -244,16 +244,20 @@ def build_seed(model, p: Params, seed: int, out_dir: Path, vocab: list[str]) -> 
 
 def build_letter_cache(model, p: Params, out_dir: Path) -> dict:
     """All seeds, written to a temporary folder and moved into place whole (an interrupted run leaves nothing)."""
+    check_hook(p)
+    with atomic_dir(out_dir) as tmp:
+        vocab = vocabulary(model.tokenizer)
+        per_seed = [build_seed(model, p, seed, tmp / f"seed_{seed}", vocab) for seed in p.letters.seeds]
+        model.tokenizer.save_pretrained(tmp / TOKENIZER)  # the SAE side parses words without loading the model
+        manifest = _manifest(model, p, vocab, per_seed)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _manifest(model, p: Params, vocab, per_seed: list) -> dict:
     import importlib.metadata
 
-    check_hook(p)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vocab = vocabulary(model.tokenizer)
-    per_seed = [build_seed(model, p, seed, tmp / f"seed_{seed}", vocab) for seed in p.letters.seeds]
-    model.tokenizer.save_pretrained(tmp / TOKENIZER)  # the SAE side parses words without loading the model
-    manifest = {
+    return {
         "model_name": model.cfg.model_name,
         "d_model": model.cfg.d_model,
         "layer": p.layer,
@@ -263,7 +267,3 @@ def build_letter_cache(model, p: Params, out_dir: Path) -> dict:
         "sae_bench_version": importlib.metadata.version("sae-bench"),
         "seeds": per_seed,
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return manifest

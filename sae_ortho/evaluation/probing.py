@@ -37,7 +37,6 @@ import io
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +48,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sae_ortho.base.io import atomic_dir, atomic_write_text, sha256_file
 from sae_ortho.base.params import OFFLINE_TASKS, SAEBENCH_HUB_TASKS, Params
-from sae_ortho.data.shards import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
@@ -256,42 +255,38 @@ def save_probe_cache(out_dir: Path, tasks: dict[str, TaskActs], p: Params, progr
     rename it to `out_dir` (replacing it), so an interrupted run leaves nothing DVC could cache."""
     from sae_bench.sae_bench_utils.activation_collection import create_meaned_model_activations
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files, llm = {}, {}
-    for task, ta in tqdm(tasks.items(), desc="LLM-residual probes", disable=not progress_bar):
-        path = tmp / task_file(task)
-        save_file({"activations": ta.acts.contiguous(), "token_ids": ta.token_ids.contiguous()}, str(path))
-        files[task] = {
-            "file": path.name,
-            "n_tokens": len(ta.acts),
-            "bytes": path.stat().st_size,
-            "sha256": sha256_file(path),
+    with atomic_dir(out_dir) as tmp:
+        files, llm = {}, {}
+        for task, ta in tqdm(tasks.items(), desc="LLM-residual probes", disable=not progress_bar):
+            path = tmp / task_file(task)
+            save_file({"activations": ta.acts.contiguous(), "token_ids": ta.token_ids.contiguous()}, str(path))
+            files[task] = {
+                "file": path.name,
+                "n_tokens": len(ta.acts),
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+            # Pooled from the stored fp16 values, so the LLM baseline sees exactly what the SAEs see.
+            pooled = {s: ta.pooled(s, create_meaned_model_activations, p.probing.batch_size) for s in SPLITS}
+            llm[task] = probe_accuracies(pooled["train"], pooled["test"], p.probing.k_values, "llm", p.probing.seed)
+        index = pd.concat([ta.index.assign(task=t) for t, ta in tasks.items()], ignore_index=True)
+        index.to_parquet(tmp / INDEX, index=False)
+        per_task = {t: _means(v) for t, v in llm.items()}
+        overall = {key: sum(m[key] for m in per_task.values()) / len(per_task) for key in next(iter(per_task.values()))}
+        results = {"eval_result_metrics": {"llm": overall}, "per_task": per_task, "per_class": llm}
+        atomic_write_text(tmp / LLM_RESULTS, json.dumps(results, indent=1) + "\n")
+        d_in = next(iter(tasks.values())).acts.shape[1]
+        manifest = {
+            **_cache_meta(p),
+            "d_in": int(d_in),
+            "dtype": "float16",
+            "stored_tokens": "unmasked only (BOS, pad and EOS dropped, as SAEBench masks them)",
+            "n_examples": len(index),
+            "n_tokens": int(index["length"].sum()),
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "files": files,
         }
-        # Pooled from the stored fp16 values, so the LLM baseline sees exactly what the SAEs see.
-        pooled = {s: ta.pooled(s, create_meaned_model_activations, p.probing.batch_size) for s in SPLITS}
-        llm[task] = probe_accuracies(pooled["train"], pooled["test"], p.probing.k_values, "llm", p.probing.seed)
-    index = pd.concat([ta.index.assign(task=t) for t, ta in tasks.items()], ignore_index=True)
-    index.to_parquet(tmp / INDEX, index=False)
-    per_task = {t: _means(v) for t, v in llm.items()}
-    overall = {key: sum(m[key] for m in per_task.values()) / len(per_task) for key in next(iter(per_task.values()))}
-    results = {"eval_result_metrics": {"llm": overall}, "per_task": per_task, "per_class": llm}
-    atomic_write_text(tmp / LLM_RESULTS, json.dumps(results, indent=1) + "\n")
-    d_in = next(iter(tasks.values())).acts.shape[1]
-    manifest = {
-        **_cache_meta(p),
-        "d_in": int(d_in),
-        "dtype": "float16",
-        "stored_tokens": "unmasked only (BOS, pad and EOS dropped, as SAEBench masks them)",
-        "n_examples": len(index),
-        "n_tokens": int(index["length"].sum()),
-        "bytes": sum(f["bytes"] for f in files.values()),
-        "files": files,
-    }
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return {**manifest, "llm": overall}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sae_ortho.base.io import temp_sibling
 from sae_ortho.base.params import Params, SyntheticHierarchy, SyntheticParams
 from sae_ortho.evaluation.synthetic import (
     PAIR_KINDS,
@@ -154,8 +155,7 @@ def run_arm(
     `cfg` (any seed) is the run of a study arm; by default the LM arm `arm`'s (synthetic_run_config)."""
     s = p.synthetic
     base = replace(cfg, train=s.train) if cfg is not None else synthetic_run_config(p, arm, 0)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(out_dir)
     jobs = [(s, replace(base, seed=seed), h, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}")
             for h in s.hierarchies for seed in s.seeds]  # fmt: skip
     result: dict = {"arm": arm, "settings": {**settings(s, base), "workers": workers}, "hierarchies": {}}
@@ -182,7 +182,7 @@ def run_arm(
     result["seconds"] = time.perf_counter() - t0
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)
+    os.replace(tmp, out_dir)  # the runs wrote into tmp; one rename publishes them together
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return _clean(result)
 

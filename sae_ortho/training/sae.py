@@ -9,14 +9,14 @@ checkpoint and folded into the weights on SAELens export, so both encode identic
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
+
+from sae_ortho.base.io import atomic_dir
 
 Architecture = Literal["relu", "topk"]
 CONFIG_FILE = "sae_config.json"
@@ -85,16 +85,10 @@ class SAE(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / STATE_FILE))
-        self.to_saelens().save_model(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        with atomic_dir(directory) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
+            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / STATE_FILE))
+            self.to_saelens().save_model(tmp)
 
     @classmethod
     def load(cls, directory: Path | str) -> SAE:

@@ -7,10 +7,11 @@ path, which makes the two comparable.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from sae_ortho.base.io import atomic_file
 
 SNAPSHOTS = "snapshots.safetensors"
 SNAPSHOT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -21,10 +22,8 @@ def save_snapshot(sae, directory: Path, step: int) -> None:
     and decoder cosines, which is all the stability analysis reads."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".step_{step}.tmp"
-    save_file({k: getattr(sae, k).detach().half().contiguous() for k in SNAPSHOT_KEYS}, str(tmp))
-    os.replace(tmp, directory / f"step_{step}.safetensors")
+    with atomic_file(directory / f"step_{step}.safetensors") as tmp:
+        save_file({k: getattr(sae, k).detach().half().contiguous() for k in SNAPSHOT_KEYS}, str(tmp))
 
 
 def collect_snapshots(directory: Path, out: Path, steps: set[int]) -> None:
@@ -35,9 +34,8 @@ def collect_snapshots(directory: Path, out: Path, steps: set[int]) -> None:
     for step in sorted(steps):
         for key, value in load_file(str(directory / f"step_{step}.safetensors")).items():
             tensors[f"{step}.{key}"] = value
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def load_snapshots(path: Path) -> dict[int, dict[str, torch.Tensor]]:

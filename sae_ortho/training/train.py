@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.io import atomic_file
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.batches import shuffled_batches
 from sae_ortho.training.ortho import TauSchedule
@@ -341,10 +341,8 @@ class Trainer:
         }
 
     def save_checkpoint(self, directory: Path, fingerprint: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / ".ckpt.pt.tmp"
-        torch.save({"fingerprint": fingerprint, **self.state()}, tmp)
-        os.replace(tmp, directory / "ckpt.pt")
+        with atomic_file(directory / "ckpt.pt") as tmp:
+            torch.save({"fingerprint": fingerprint, **self.state()}, tmp)
 
     def load_checkpoint(self, directory: Path, fingerprint: str) -> bool:
         path = directory / "ckpt.pt"
@@ -448,9 +446,8 @@ def train(
     trainer.sae.save(out_dir)
     if cfg.uses_ortho:
         pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score", "cos")}
-        tmp = out_dir / ".pairs.parquet.tmp"
-        pq.write_table(pa.table(pairs), tmp)
-        os.replace(tmp, out_dir / "pairs.parquet")
+        with atomic_file(out_dir / "pairs.parquet") as tmp:
+            pq.write_table(pa.table(pairs), tmp)
     if snap_steps:
         collect_snapshots(ckpt_dir / "snapshots", out_dir / SNAPSHOTS, snap_steps)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
