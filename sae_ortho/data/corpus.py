@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import random
 import re
 import subprocess
@@ -31,6 +30,7 @@ import pandas as pd
 
 from sae_ortho.base.io import atomic_file, atomic_write_text, sha256_file
 from sae_ortho.base.params import DataParams, Params
+from sae_ortho.base.paths import downloads_dir
 
 
 class CorpusError(RuntimeError):
@@ -109,12 +109,6 @@ def log(msg: str) -> None:
 # Fetching
 
 
-def cache_dir() -> Path:
-    """Download cache: $SAE_ORTHO_CACHE or ~/.cache/sae-ortho/downloads."""
-    env = os.environ.get("SAE_ORTHO_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sae-ortho" / "downloads"
-
-
 def _verify(pin: Pin, path: Path) -> None:
     digest = sha256_file(path)
     if digest != pin.sha256:
@@ -130,7 +124,7 @@ def fetch_packages(cache: Path | None = None) -> dict[str, Path]:
     Files already in the cache are verified first, so a corrupt cache is reported without touching
     the network. pip's output is kept and only summarised, so an offline failure is one line.
     """
-    cache = cache or cache_dir()
+    cache = cache or downloads_dir()
     paths = {name: cache / pin.filename for name, pin in PINS.items()}
     for name, path in paths.items():
         if path.exists():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sae_ortho.base.model_names import EMBEDDED_MODELS
+from sae_ortho.base.paths import cache_dir
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Unique name: SAEBench keys its probe folders by model.cfg.model_name.
@@ -118,8 +119,7 @@ def model_cache_dir() -> Path:
     for package in ("transformers", "transformer_lens", "torch"):
         key.update(f"{package}={md.version(package)};".encode())
     key.update(f"format={_CACHE_FORMAT}".encode())
-    root = Path(os.environ.get("SAE_ORTHO_CACHE", Path.home() / ".cache" / "sae_ortho"))
-    return root / f"{SMOLLM2_TL_NAME}-{key.hexdigest()[:16]}"
+    return cache_dir() / f"{SMOLLM2_TL_NAME}-{key.hexdigest()[:16]}"
 
 
 _CACHE_FORMAT = 1
