@@ -6,7 +6,7 @@ from dataclasses import asdict
 import pytest
 
 from sae_ortho.base.params import ParamError, Params, TrainParams
-from sae_ortho.study.arms import Arm, Selection, StudyParams, arm_spec, holm, run_config_for, select_arm
+from sae_ortho.study.arms import Arm, Selection, StudyParams, arm_spec, run_config_for, select_arm
 from sae_ortho.study.report import comparisons
 
 SWEEP = {
@@ -74,13 +74,6 @@ def test_matryoshka_fractions_become_prefix_sizes():
         Arm(penalty="none", matryoshka=(0.5, 0.25)).validate("headline.m")
     with pytest.raises(ParamError, match="tau"):
         Arm(penalty="ortsae").validate("headline.o")
-
-
-def test_holm_step_down():
-    # Sorted p: 0.001 <= 0.05/3, 0.02 <= 0.05/2, 0.04 <= 0.05/1: all rejected.
-    assert holm({"a": 0.02, "b": 0.001, "c": 0.04}, 0.05) == {"a": True, "b": True, "c": True}
-    # 0.026 > 0.05/2 stops the procedure: it and every larger p are kept (0.03 <= 0.05/1 notwithstanding).
-    assert holm({"a": 0.03, "b": 0.001, "c": 0.026}, 0.05) == {"b": True, "a": False, "c": False}
 
 
 def cell(values):

@@ -113,16 +113,6 @@ def _take(it, n):
         yield next(it)
 
 
-def test_bootstrap_ci_covers_the_mean_and_shrinks_with_pairs():
-    rng = np.random.default_rng(0)
-    few, many = rng.uniform(size=(3, 10)), rng.uniform(size=(3, 1000))
-    lo, hi = syn.bootstrap_ci(few, 500)
-    assert lo < few.mean() < hi
-    lo2, hi2 = syn.bootstrap_ci(many, 500)
-    assert hi2 - lo2 < (hi - lo) / 3
-    assert syn.bootstrap_ci(np.full((2, 5), 0.4), 200) == pytest.approx([0.4, 0.4])
-
-
 def test_kept_pair_kinds():
     pairs = np.array([[0, 2], [0, 3], [1, 4]])  # features 0, 1 parents; 2, 3 children of 0
     matched = np.array([5, 6, 7, 8, 9])  # feature f -> latent f + 5; latents 0..4 match nothing

@@ -20,12 +20,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
+from sae_ortho.base.stats import bootstrap_indices, percentile_ci
+
 N_BOOT = 2000
-
-
-def _ci(samples: np.ndarray) -> list[float]:
-    samples = samples[np.isfinite(samples)]
-    return [round(float(q), 5) for q in np.quantile(samples, [0.025, 0.975])] if len(samples) else [None, None]
 
 
 def relative_reduction(base: np.ndarray, arm: np.ndarray, n_boot: int = N_BOOT, seed: int = 0) -> dict:
@@ -39,11 +36,11 @@ def relative_reduction(base: np.ndarray, arm: np.ndarray, n_boot: int = N_BOOT, 
     if base.mean() <= 0:
         out["note"] = "baseline shows no absorption on these units: a relative reduction is undefined"
         return out
-    idx = np.random.default_rng(seed).integers(0, len(base), (n_boot, len(base)))
+    idx = bootstrap_indices(len(base), n_boot, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         boots = 1 - arm[idx].mean(1) / base[idx].mean(1)
     out["relative_reduction"] = round(float(1 - arm.mean() / base.mean()), 5)
-    out["ci95"] = _ci(boots)
+    out["ci95"] = percentile_ci(boots)
     return out
 
 
@@ -115,12 +112,12 @@ def cost_deltas(base_path: Path, arm_path: Path, n_boot: int = N_BOOT, seed: int
     base, arm = _load_context_sums(base_path), _load_context_sums(arm_path)
     n = len(base["sq_err"])
     everything = np.arange(n)
-    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    idx = bootstrap_indices(n, n_boot, seed)
     out = {}
     for name, fn, sign in (("fvu_increase", _fvu, 1), ("ce_recovered_decrease", _ce_recovered, -1)):
         point = sign * (fn(arm, everything) - fn(base, everything))
         boots = sign * (fn(arm, idx) - fn(base, idx))
-        out[name] = {"value": round(float(point), 6), "ci95": _ci(boots), "contexts": n}
+        out[name] = {"value": round(float(point), 6), "ci95": percentile_ci(boots), "contexts": n}
     return out
 
 

@@ -29,6 +29,7 @@ from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbso
 from safetensors.torch import load_file
 
 from sae_ortho.base.params import AbsorptionParams
+from sae_ortho.base.stats import bootstrap_ci
 from sae_ortho.evaluation.letters import LETTERS, MANIFEST, PROMPT_ACTS, PROMPTS, TOKENIZER
 
 
@@ -83,14 +84,6 @@ def load_manifest(letters_dir: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run dvc repro letter_cache")
     return json.loads(path.read_text())
-
-
-def _bootstrap_ci(values: np.ndarray, n: int, seed: int = 0) -> list[float] | None:
-    if len(values) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
-    return [round(float(q), 4) for q in np.quantile(means, [0.025, 0.975])]
 
 
 def _fvu(sae, x: torch.Tensor) -> float:
@@ -218,7 +211,7 @@ def summarize(metrics_df: pd.DataFrame, raw: pd.DataFrame, ap: AbsorptionParams,
     for key in ("mean_absorption_fraction", "full_absorption_rate", "num_split_features"):
         values = np.array([per_letter[c][key] for c in gated], dtype=float)
         out[key] = round(float(values.mean()), 4) if len(values) else None
-        out[f"{key}_ci95"] = _bootstrap_ci(values, ap.bootstrap, seed)
+        out[f"{key}_ci95"] = bootstrap_ci(values, ap.bootstrap, seed)
     out["per_letter"] = per_letter
     return out
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -246,21 +245,6 @@ def evaluate(sae: SAE | Any, model: SyntheticModel, pairs: np.ndarray, s: Synthe
         "f1": lens.classification.f1_score,
     }
     return {"matched": matched, "per_pair": per_pair, "summary": summary}
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int = 0) -> list[float]:
-    """95% interval of the mean of a [n_seeds, n_pairs] array, resampling pairs (columns); NaN
-    entries (a pair with no event to measure) are left out of each mean."""
-    values = np.atleast_2d(values)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, values.shape[1], size=(n_boot, values.shape[1]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN resample gives NaN, dropped below
-        means = np.nanmean(values[:, idx], axis=(0, 2))
-    means = means[np.isfinite(means)]
-    if len(means) == 0:
-        return [float("nan"), float("nan")]
-    return [float(np.nanpercentile(means, 2.5)), float(np.nanpercentile(means, 97.5))]
 
 
 PAIR_KINDS = ("parent_child", "siblings", "other_tree", "other")

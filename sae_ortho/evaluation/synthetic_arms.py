@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from sae_ortho.base.io import temp_sibling
 from sae_ortho.base.params import Params, SyntheticHierarchy, SyntheticParams
+from sae_ortho.base.stats import bootstrap_ci
 from sae_ortho.evaluation.synthetic import (
     PAIR_KINDS,
     SyntheticSource,
-    bootstrap_ci,
     build_model,
     evaluate,
     kept_pair_kinds,

@@ -177,17 +177,6 @@ def run_config_for(arm: Arm, p: Params, train: TrainParams, seed: int, topk_frac
     )
 
 
-def holm(p_values: dict[str, float], alpha: float) -> dict[str, bool]:
-    """Holm's step-down correction: which hypotheses are rejected at family-wise error `alpha`."""
-    order = sorted(p_values, key=lambda k: p_values[k])
-    rejected, m = {}, len(order)
-    still = True
-    for rank, key in enumerate(order):
-        still = still and p_values[key] <= alpha / (m - rank)
-        rejected[key] = still
-    return rejected
-
-
 def relative_increase(value: float, reference: float) -> float:
     return (value - reference) / reference if reference else math.inf
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from sae_ortho.study.arms import StudyParams, holm
+from sae_ortho.base.stats import holm
+from sae_ortho.study.arms import StudyParams
 
 METRICS = Path("metrics/study")
 MODELS = Path("models/study")
