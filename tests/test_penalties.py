@@ -45,6 +45,19 @@ def test_random_pairs_differ_between_batches():
     assert not torch.equal(a.pairs.i * 64 + a.pairs.j, b.pairs.i * 64 + b.pairs.j)
 
 
+@pytest.mark.parametrize("make", [lambda: RandomPairs(0.02, seed=5), lambda: OrtSAEChunks(16, seed=5)])
+def test_seeded_penalty_state_round_trips(make):
+    """A checkpoint's penalty state makes a fresh penalty draw what the original draws next."""
+    w = torch.nn.functional.normalize(torch.randn(64, 8), dim=1)
+    codes = csr_codes(torch.relu(torch.randn(32, 64)))
+    original, restored = make(), make()
+    original.terms(w, codes, 64)
+    restored.load_state_dict(original.state_dict())
+    a, b = original.terms(w, codes, 64), restored.terms(w, codes, 64)
+    assert torch.equal(a.pairs.i, b.pairs.i) and torch.equal(a.pairs.j, b.pairs.j)
+    assert not torch.equal(a.pairs.i, make().terms(w, codes, 64).pairs.i)  # not just the seed's first draw
+
+
 def test_ortsae_matches_dense_max_cosine_and_autograd():
     """One chunk covering every latent: the value is mean_i max_{j != i} cos_ij^2 of the dense Gram
     matrix, and the in-place gradient is autograd's (argmax held fixed)."""

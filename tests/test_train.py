@@ -5,6 +5,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -129,17 +130,42 @@ def test_same_seed_same_weights(shards, tmp_path):
     assert same_weights(a, b)
 
 
-def test_interrupted_training_resumes_to_the_same_weights(shards, tmp_path):
-    cfg = RunConfig(TINY, seed=1, tau=0.1, tau_schedule="adaptive")
+@pytest.mark.parametrize(
+    "arm",
+    [
+        {"tau": 0.1, "tau_schedule": "adaptive"},  # the default top-k co-activation term
+        {"tau": 5.0, "penalty": "random"},  # the control: a numpy RNG of its own draws the pairs
+        {"tau": 5.0, "penalty": "ortsae", "ortsae_chunk": 64},  # OrtSAE-style: its RNG draws the chunks
+    ],
+    ids=["topk", "random", "ortsae"],
+)
+def test_interrupted_training_resumes_to_the_same_weights(shards, tmp_path, arm):
+    """Stopped at step 25 (checkpoint at 20) and resumed: bit-identical to the uninterrupted run,
+    which needs every RNG the run draws from (the penalty's included) restored from the checkpoint."""
+    cfg = RunConfig(TINY, seed=1, **arm)
     _, full = run(cfg, shards, tmp_path, "full")
     stopped, none = run(cfg, shards, tmp_path, "resumed", max_steps=25)
     assert none is None and stopped["steps"] == 25 and (tmp_path / ".ckpt_resumed" / "ckpt.pt").exists()
     metrics, resumed = run(cfg, shards, tmp_path, "resumed")
     assert metrics["resumed"] and metrics["steps"] == 40
-    assert same_weights(full, resumed)
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
     assert not (tmp_path / ".ckpt_resumed").exists()
-    for name in ("pairs.parquet",):
-        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+    assert (tmp_path / "full" / "pairs.parquet").read_bytes() == (tmp_path / "resumed" / "pairs.parquet").read_bytes()
+
+
+def test_checkpoint_of_an_older_format_is_ignored(shards, tmp_path):
+    """Format 1 held numpy arrays and no penalty RNG: the run starts afresh rather than resume inexactly."""
+    cfg = RunConfig(TINY, seed=0, tau=5.0, penalty="random")
+    trainer = Trainer(cfg, shards)
+    fp = cfg.fingerprint(trainer.source.fingerprint)
+    old = {"fingerprint": fp, **trainer.state(), "pair_log": [{"i": np.zeros(3, dtype=np.int32)}]}
+    del old["format"], old["penalty"]
+    (tmp_path / "ckpt").mkdir()
+    torch.save(old, tmp_path / "ckpt" / "ckpt.pt")
+    assert not trainer.load_checkpoint(tmp_path / "ckpt", fp)
+    trainer.save_checkpoint(tmp_path / "ckpt", fp)
+    assert Trainer(cfg, shards).load_checkpoint(tmp_path / "ckpt", fp)
 
 
 def test_snapshots_are_taken_evenly_and_survive_a_resume(shards, tmp_path):
@@ -167,7 +193,7 @@ def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "shuffled_batches", poisoned)
     with pytest.raises(NonFiniteLoss, match="at step 7"):
         run(RunConfig(TINY, seed=0), shards, tmp_path, "nan")
-    state = torch.load(tmp_path / ".ckpt_nan" / "last_good" / "ckpt.pt", weights_only=False)
+    state = torch.load(tmp_path / ".ckpt_nan" / "last_good" / "ckpt.pt", weights_only=True)
     assert state["step"] == 7 and all(torch.isfinite(v).all() for v in state["sae"].values())
     assert not (tmp_path / "nan").exists()
 

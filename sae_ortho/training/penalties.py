@@ -54,6 +54,27 @@ class DecoderPenalty:
             "cos": pair_cos.numpy().astype(np.float32),
         }
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold so that a resumed run draws what an uninterrupted one would.
+        Plain python values only: checkpoints are loaded with torch.load(weights_only=True)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SeededPenalty(DecoderPenalty):
+    """A penalty that draws from a numpy RNG of its own each step: the RNG is its state."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}  # a dict of str and (128-bit) python ints
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
 
 class TopKCoactivation(DecoderPenalty):
     """The instantaneous top-k orthogonality term: the `fraction` most co-active pairs of the batch,
@@ -70,15 +91,15 @@ class TopKCoactivation(DecoderPenalty):
         return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
 
 
-class RandomPairs(DecoderPenalty):
+class RandomPairs(SeededPenalty):
     """The control: as many pairs as the top-k term keeps, drawn uniformly at random each batch
     (seeded), so a study arm shows whether co-activation selection matters at all."""
 
     name = "random_pairs"
 
     def __init__(self, fraction: float, seed: int = 0):
+        super().__init__(seed)
         self.fraction = fraction
-        self.rng = np.random.default_rng(seed)
 
     def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
         budget = min(pair_budget(d_sae, self.fraction), d_sae * (d_sae - 1) // 2)
@@ -96,7 +117,7 @@ class RandomPairs(DecoderPenalty):
         return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
 
 
-class OrtSAEChunks(DecoderPenalty):
+class OrtSAEChunks(SeededPenalty):
     """OrtSAE-style term (Korznikov et al., arXiv 2509.22033): no co-activation, every latent is
     penalised by its largest squared decoder cosine with another latent of its chunk, the latents
     split into random chunks of `chunk_size` each step so the cost stays linear in d_sae. The value is
@@ -106,8 +127,8 @@ class OrtSAEChunks(DecoderPenalty):
     name = "ortsae"
 
     def __init__(self, chunk_size: int, seed: int = 0):
+        super().__init__(seed)
         self.chunk_size = chunk_size
-        self.rng = np.random.default_rng(seed)
 
     def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
         order = torch.from_numpy(self.rng.permutation(d_sae))

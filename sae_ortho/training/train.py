@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import shutil
 import sys
 import time
@@ -54,6 +55,9 @@ ACTIVATIONS = Path("data/activations")
 MODELS = Path("models")
 METRICS = Path("metrics/train")
 DENSE_FRACTION = 0.1  # above this share of active codes the dense step is faster
+# Bumped when a checkpoint's contents change: an older checkpoint then starts the run afresh
+# rather than resuming without the state it lacks (2: the penalty's RNG, weights_only loading).
+CHECKPOINT_FORMAT = 2
 
 
 class NonFiniteLoss(RuntimeError):
@@ -330,14 +334,17 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict:
         return {
+            "format": CHECKPOINT_FORMAT,
             "sae": self.sae.state_dict(),
             "opt": self.opt.state_dict(),
             "step": self.step,
             "tau": self.tau.tau,
             "silent_tokens": self.silent_tokens,
-            "pair_log": self.pair_log,
+            # weights_only loading admits tensors, not numpy arrays
+            "pair_log": [{k: torch.from_numpy(v) for k, v in rows.items()} for rows in self.pair_log],
             "history": self.history,
             "torch_rng": torch.get_rng_state(),
+            "penalty": self.penalty.state_dict() if self.penalty is not None else {},
         }
 
     def save_checkpoint(self, directory: Path, fingerprint: str) -> None:
@@ -348,14 +355,23 @@ class Trainer:
         path = directory / "ckpt.pt"
         if not path.exists():
             return False
-        state = torch.load(path, weights_only=False)
+        try:
+            state = torch.load(path, weights_only=True)
+        except pickle.UnpicklingError:  # format 1 held numpy arrays
+            state = {}
+        if state.get("format") != CHECKPOINT_FORMAT:
+            print(f"ignoring {path}: written by an older trainer, it cannot resume exactly", file=sys.stderr)
+            return False
         if state["fingerprint"] != fingerprint:
             return False
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.tau.tau = state["step"], state["tau"]
-        self.silent_tokens, self.pair_log, self.history = state["silent_tokens"], state["pair_log"], state["history"]
+        self.silent_tokens, self.history = state["silent_tokens"], state["history"]
+        self.pair_log = [{k: v.numpy() for k, v in rows.items()} for rows in state["pair_log"]]
         torch.set_rng_state(state["torch_rng"])
+        if self.penalty is not None:
+            self.penalty.load_state_dict(state["penalty"])
         for _ in range(self.step):  # the data stream is deterministic: skip what was consumed
             next(self.batches)
         return True
