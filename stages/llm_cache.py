@@ -3,7 +3,7 @@
 - data/heldout/: held-out contexts (documents after the training stream), their activations and the
   clean / zero- / mean-ablation CE losses (library: sae_ortho/evaluation/heldout.py);
 - data/probe_acts/: per-token residuals of the probing examples and the LLM-residual probe
-  baseline (library: sae_ortho/evaluation/probing.py).
+  baseline (library: sae_ortho/evaluation/probe_cache.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sae_ortho.base.io import atomic_write_text
 from sae_ortho.data.lm import ModelUnavailableError, load_model
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.evaluation.heldout import build_heldout
-from sae_ortho.evaluation.probing import check_tasks_available, collect_probe_activations
+from sae_ortho.evaluation.probe_cache import check_tasks_available, collect_probe_activations
 
 CORPUS = Path("data/corpus.parquet")
 ACTIVATIONS = Path("data/activations")

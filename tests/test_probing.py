@@ -1,4 +1,4 @@
-"""Tests for sae_ortho/evaluation/probing.py and stages/probing.py: SAEBench sparse probing on cached activations.
+"""Tests for sae_ortho/evaluation/{probe_cache,probing}.py and stages/probing.py: SAEBench sparse probing.
 
 Synthetic per-token activations (no model) drive the SAE side through the real code path: a planted
 direction must be found by a latent that reads it, an all-zero SAE must trip the sanity check. One
@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from sae_ortho.base.params import Params, ProbingParams
-from sae_ortho.evaluation import probing
+from sae_ortho.evaluation import probe_cache, probing
 from sae_ortho.training.sae import SAE, SAEConfig
 
 D = 16
@@ -29,7 +29,7 @@ SYN = Params(
 )
 
 
-def synthetic_task(planted: bool, gen: torch.Generator) -> probing.TaskActs:
+def synthetic_task(planted: bool, gen: torch.Generator) -> probe_cache.TaskActs:
     """Classes c0..c2, 3-8 N(0, 1) tokens per example; if `planted`, c0's tokens get +3 along dimension 0."""
     acts, rows, offset = [], [], 0
     for split, n in (("train", SYN.probing.train_per_class), ("test", SYN.probing.test_per_class)):
@@ -44,7 +44,7 @@ def synthetic_task(planted: bool, gen: torch.Generator) -> probing.TaskActs:
                 offset += length
     index = pd.DataFrame(rows, columns=["label", "split", "example", "offset", "length"])
     all_acts = torch.cat(acts).half()
-    return probing.TaskActs(all_acts, torch.arange(len(all_acts), dtype=torch.int32) + 10, index)
+    return probe_cache.TaskActs(all_acts, torch.arange(len(all_acts), dtype=torch.int32) + 10, index)
 
 
 class ReadsDirection:
@@ -70,7 +70,7 @@ def syn_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gen = torch.Generator().manual_seed(0)
     out = tmp_path_factory.mktemp("syn") / "probe_acts"
     tasks = {PLANTED: synthetic_task(True, gen), CONTROL: synthetic_task(False, gen)}
-    probing.save_probe_cache(out, tasks, SYN, progress_bar=False)
+    probe_cache.save_probe_cache(out, tasks, SYN, progress_bar=False)
     return out
 
 
@@ -90,8 +90,8 @@ def test_pooling_matches_per_example_means(syn_cache: Path) -> None:
         get_sae_meaned_activations,
     )
 
-    index = pd.read_parquet(syn_cache / probing.INDEX)
-    ta = probing.TaskActs.load(syn_cache, PLANTED, index)
+    index = pd.read_parquet(syn_cache / probe_cache.INDEX)
+    ta = probe_cache.TaskActs.load(syn_cache, PLANTED, index)
     sae = ReadsDirection()
     llm = ta.pooled("test", create_meaned_model_activations, chunk=7)
     lat = ta.pooled("test", lambda b: get_sae_meaned_activations(b, probing._Encoder(sae), 3), chunk=7)
@@ -226,14 +226,14 @@ def write_probing_dir(root: Path, n_train: int = 3, n_test: int = 2) -> Path:
 def test_collect_probe_activations(model, tmp_path: Path) -> None:
     probing_dir = write_probing_dir(tmp_path / "probing")
     out = tmp_path / "probe_acts"
-    metrics = probing.collect_probe_activations(model, TINY, probing_dir, out, progress_bar=False)
+    metrics = probe_cache.collect_probe_activations(model, TINY, probing_dir, out, progress_bar=False)
     assert metrics["examples"] == 5 * 5 and metrics["classes"] == 5
     assert metrics["tokens_stored"] + 25 <= metrics["tokens_forward"] < 25 * 16  # padding trimmed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["probe_acts", "probing"]  # no temporary directory left
 
     manifest = probing.load_cache_manifest(out, TINY)
     assert manifest["d_in"] == model.cfg.d_model and manifest["n_tokens"] == metrics["tokens_stored"]
-    llm = json.loads((out / probing.LLM_RESULTS).read_text())
+    llm = json.loads((out / probe_cache.LLM_RESULTS).read_text())
     assert set(llm["per_class"][PLANTED]["llm_top_2_test_accuracy"]) == {"de", "en", "fr"}
     assert set(llm["eval_result_metrics"]["llm"]) == {
         "llm_test_accuracy",
@@ -241,12 +241,12 @@ def test_collect_probe_activations(model, tmp_path: Path) -> None:
         "llm_top_2_test_accuracy",
     }
 
-    index = pd.read_parquet(out / probing.INDEX)
-    texts = probing.load_texts(TINY, probing_dir)
+    index = pd.read_parquet(out / probe_cache.INDEX)
+    texts = probe_cache.load_texts(TINY, probing_dir)
     tok = model.tokenizer
     special = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     for task in TINY.probing.tasks:
-        ta = probing.TaskActs.load(out, task, index)
+        ta = probe_cache.TaskActs.load(out, task, index)
         assert ta.acts.dtype == torch.float16 and len(ta.acts) == len(ta.token_ids) == ta.index["length"].sum()
         assert not set(ta.token_ids.tolist()) & special
         for row in ta.index.itertuples():
@@ -257,7 +257,7 @@ def test_collect_probe_activations(model, tmp_path: Path) -> None:
         assert ta.index["length"].min() < 15 and ta.index["length"].max() == 15  # padded and truncated examples
 
     # The longest example (a full batch) and the shortest (a batch cut to its own length).
-    ta = probing.TaskActs.load(out, PLANTED, index)
+    ta = probe_cache.TaskActs.load(out, PLANTED, index)
     for row in (ta.index.loc[ta.index["length"].idxmax()], ta.index.loc[ta.index["length"].idxmin()]):
         ids = model.to_tokens(texts[PLANTED][row["split"]][row["label"]][row["example"]], prepend_bos=True)[:, :16]
         _, cache = model.run_with_cache(ids, stop_at_layer=TINY.layer + 1, names_filter=TINY.hook_name)
@@ -269,7 +269,7 @@ def test_collect_probe_activations(model, tmp_path: Path) -> None:
 def test_too_few_examples(tmp_path: Path) -> None:
     probing_dir = write_probing_dir(tmp_path / "probing", n_train=2)
     with pytest.raises(ValueError) as exc:
-        probing.check_tasks_available(TINY, probing_dir)
+        probe_cache.check_tasks_available(TINY, probing_dir)
     msg = str(exc.value)
     assert "\n" not in msg
     assert f"'{PLANTED}'" in msg and "class 'de'" in msg and "train 2, test 2" in msg
@@ -278,7 +278,7 @@ def test_too_few_examples(tmp_path: Path) -> None:
     (probing_dir / f"{CONTROL}.parquet").unlink()
     small = Params(probing=ProbingParams(**{**TINY.probing.__dict__, "train_per_class": 2}))
     with pytest.raises(FileNotFoundError, match="run dvc repro corpus"):
-        probing.check_tasks_available(small, probing_dir)
+        probe_cache.check_tasks_available(small, probing_dir)
 
 
 def test_hub_task_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,7 +287,7 @@ def test_hub_task_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     p = Params(probing=ProbingParams(**{**TINY.probing.__dict__, "tasks": (PLANTED, "fancyzhx/ag_news")}))
     out = tmp_path / "probe_acts"
     with pytest.raises(ValueError) as exc:
-        probing.collect_probe_activations(None, p, probing_dir, out)  # no model: it must fail before using one
+        probe_cache.collect_probe_activations(None, p, probing_dir, out)  # no model: it must fail before using one
     msg = str(exc.value)
     assert "\n" not in msg and "'fancyzhx/ag_news' needs the Hugging Face hub" in msg and "language_id" in msg
     assert not out.exists()
@@ -302,6 +302,6 @@ def test_hub_task_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_route)
     with pytest.raises(ValueError) as exc:
-        probing.check_tasks_available(p, probing_dir)
+        probe_cache.check_tasks_available(p, probing_dir)
     msg = str(exc.value)
     assert "\n" not in msg and "unreachable (ConnectionError: cannot reach fancyzhx/ag_news)" in msg
