@@ -54,7 +54,7 @@ import yaml
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import ExtractParams, Params
 from sae_ortho.data.lm import load_model
-from sae_ortho.training.batches import extract as extract_mod
+from sae_ortho.data import extract as extract_mod
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = Path("metrics/bench_extract.json")
@@ -264,7 +264,7 @@ def interleaved(measures: dict[str, Measure], rounds: int, stored_tokens: int) -
 RSS_CHILD = """
 import ctypes, json, runpy, sys
 from pathlib import Path
-import sae_ortho.training.batches.lm
+import sae_ortho.data.lm
 
 def status_kib(key):
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
