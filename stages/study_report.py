@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from sae_ortho.base.io import atomic_write_text
-from sae_ortho.study.arms import load_study_or_exit
+from sae_ortho.base.study_params import load_study_or_exit
 from sae_ortho.study.report import StudyResults, comparisons, headline_json, headline_table
 from sae_ortho.study.report_md import render
 from sae_ortho.study.report_plots import PLOTS

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import ParamError
-from sae_ortho.study.arms import SELECTED_ARM, SELECTION, load_study_or_exit, select_arm
+from sae_ortho.base.study_params import load_study_or_exit
+from sae_ortho.study.arms import SELECTED_ARM, SELECTION, select_arm
 
 METRICS = Path("metrics/study")
 

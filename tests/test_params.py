@@ -52,3 +52,81 @@ def test_stage_exits_nonzero_with_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: params.yaml: layer: 99 is beyond smollm2-135m's 30 layers (0..29)"]
     assert not (tmp_path / "data").exists()
+
+
+# ---- One source of defaults: params.yaml and study/params.yaml hold every key; the dataclass defaults
+# equal them, so a key deleted from the YAML falls back to the same value and library users get the
+# pipeline's defaults.
+
+
+def _leaves(value, prefix=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), value
+
+
+def _as_yaml(obj):
+    import dataclasses
+
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj)))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def test_code_defaults_equal_params_yaml():
+    from sae_ortho.base.params import Params
+
+    yaml_values = dict(_leaves(yaml.safe_load((REPO / "params.yaml").read_text())))
+    code_values = dict(_leaves(_as_yaml(Params())))
+    assert sorted(yaml_values) == sorted(code_values), "params.yaml must give every key the code knows"
+    differ = {k: (code_values[k], yaml_values[k]) for k in code_values if code_values[k] != yaml_values[k]}
+    assert not differ, f"code default vs params.yaml: {differ}"
+
+
+def test_study_code_defaults_equal_study_params_yaml():
+    from sae_ortho.base.study_params import StudyParams, load_study
+
+    raw = yaml.safe_load((REPO / "study/params.yaml").read_text())
+    study = load_study(REPO / "study/params.yaml")
+    arms = {"sweep": study.sweep, "ablation": study.ablation, "headline": study.headline}  # required: no default
+    defaults = {k: v for k, v in _leaves(_as_yaml(StudyParams(**arms))) if k.split(".")[0] not in arms}
+    yaml_values = {k: v for k, v in _leaves(raw) if k.split(".")[0] not in arms}
+    assert sorted(yaml_values) == sorted(defaults), "study/params.yaml must give every key the code knows"
+    differ = {k: (defaults[k], yaml_values[k]) for k in defaults if defaults[k] != yaml_values[k]}
+    assert not differ, f"code default vs study/params.yaml: {differ}"
+
+
+def test_a_deleted_key_keeps_the_yaml_default(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    full = load(REPO / "params.yaml")
+    del raw["train"]["snapshots"], raw["stability"]["null_draws"]
+    assert load(write(tmp_path, **raw)) == full
+
+
+def test_study_arms_are_required(tmp_path):
+    from sae_ortho.base.schema import ParamError as SchemaError
+    from sae_ortho.base.study_params import load_study
+
+    raw = yaml.safe_load((REPO / "study/params.yaml").read_text())
+    del raw["headline"]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SchemaError, match="^headline: missing"):
+        load_study(path)
+
+
+def test_readme_parameter_table_is_the_generated_schema():
+    """README's "Parameters" tables are `python -m sae_ortho.base.schema` output, so the documented
+    keys, types and defaults cannot drift from the code."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_ortho.base.schema"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() in (REPO / "README.md").read_text()

@@ -1,12 +1,15 @@
 """The study's logic without training: arm resolution, the selection rule, Holm, which differences count."""
 
 import json
+import os
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from sae_ortho.base.params import ParamError, Params, TrainParams
-from sae_ortho.study.arms import Arm, Selection, StudyParams, arm_spec, run_config_for, select_arm
+from sae_ortho.base.study_params import Arm, Selection, StudyParams
+from sae_ortho.study.arms import arm_spec, run_config_for, select_arm
 from sae_ortho.study.report import comparisons
 
 SWEEP = {
@@ -23,7 +26,7 @@ HEADLINE = {
 
 
 def study(**kw) -> StudyParams:
-    s = StudyParams(sweep=SWEEP, headline=HEADLINE, headline_arms=("baseline", "best", "control"),
+    s = StudyParams(sweep=SWEEP, ablation={}, headline=HEADLINE, headline_arms=("baseline", "best", "control"),
                     synthetic_extra=("control",), scaling_arms=("baseline",), **kw)  # fmt: skip
     s.validate()
     return s
@@ -109,16 +112,30 @@ def test_first_letter_difference_needs_meaningful_figures_and_to_beat_reseed_noi
     assert not comparisons(table, 0.05)[0]["meaningful"]
 
 
-def test_fresh_synthetic_seeds_must_not_overlap_the_selection_seeds():
-    """The headline's synthetic comparison refuses the seeds `best` was chosen on, before any training."""
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--group", "headline", "--arm", "best", "--seeds", "0", "7"], "overlap the selection's synthetic.seeds"),
+        (["--group", "headline", "--arm", "best"], "the headline needs fresh synthetic training seeds"),
+        (["--group", "sweep", "--arm", "baseline", "--seeds", "7"], "only the headline runs on fresh seeds"),
+    ],
+)
+def test_synthetic_stage_seed_rules(tmp_path, args, message):
+    """The headline's synthetic comparison refuses the seeds `best` was chosen on (and the sweep refuses
+    fresh ones), in one line before any training; run in a scratch directory, never the live tree."""
+    import shutil
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "stages.study_synthetic_headline", "--arm", "best", "--seeds", "0", "7"]
-    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "overlap the selection's synthetic.seeds" in result.stderr, result.stderr
+    (tmp_path / "study").mkdir()
+    shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(root / "study/params.yaml", tmp_path / "study/params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "stages.study_synthetic", *args]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 
 def test_efficiency_is_undefined_when_the_cost_is_seed_noise():

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import stats
 
 from sae_ortho.base.stats import holm
-from sae_ortho.study.arms import StudyParams
+from sae_ortho.base.study_params import StudyParams
 
 METRICS = Path("metrics/study")
 MODELS = Path("models/study")

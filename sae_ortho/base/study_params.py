@@ -1,0 +1,115 @@
+"""study/params.yaml: the study's arms, the selection rule and its settings (schema and loader).
+
+An arm is one entry of a dict keyed by its name; its stages declare only that entry, so editing one
+arm reruns exactly that arm (study/dvc.yaml). How an arm becomes a training run is study/arms.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sae_ortho.base.schema import build, check, load_or_exit, read_yaml
+
+STUDY_PARAMS = Path("study/params.yaml")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm. `penalty: none` (or tau 0 with a fixed schedule) is the plain SAE."""
+
+    penalty: Literal["none", "topk", "random", "ortsae"] = "topk"
+    tau: float | None = None  # required unless penalty none or from_selection (the selected arm's)
+    schedule: Literal["fixed", "adaptive", "decay"] | None = None
+    target: float | None = None  # adaptive: wanted mean |cos| of the kept pairs
+    decay: float | None = None  # decay: tau_t = tau * decay**t
+    topk_fraction: float | None = None  # None: the study's `topk_fraction`
+    chunk: int = 1024  # ortsae: latents per random chunk
+    matryoshka: tuple[float, ...] = ()  # nested prefix sizes as fractions of d_sae (the last 1.0)
+    from_selection: bool = False
+
+    def validate(self, where: str) -> None:
+        check(self.tau is None or self.tau >= 0, f"{where}.tau", "must be >= 0")
+        # Explicit, so no study arm reads the default pipeline's `tau` (`dvc exp run -S tau=...` is the default's).
+        check(
+            self.tau is not None or self.penalty == "none" or self.from_selection,
+            f"{where}.tau",
+            "must be given (unless penalty is none or the arm takes the selection's)",
+        )
+        check(self.target is None or 0 <= self.target <= 1, f"{where}.target", "must be in [0, 1]")
+        check(self.decay is None or 0 < self.decay <= 1, f"{where}.decay", "must be in (0, 1]")
+        check(self.topk_fraction is None or 0 < self.topk_fraction <= 1, f"{where}.topk_fraction", "must be in (0, 1]")
+        check(self.chunk >= 2, f"{where}.chunk", "must be >= 2")
+        if self.matryoshka:
+            m = self.matryoshka
+            check(
+                all(0 < a < b for a, b in zip(m, m[1:], strict=False)) and m[0] > 0 and m[-1] == 1.0,
+                f"{where}.matryoshka",
+                f"must be increasing fractions ending at 1.0, got {list(m)}",
+            )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rule that picks the best orthogonality setting from the sweep, before the headline runs:
+    the lowest synthetic (ground-truth) absorption, mean over hierarchies and seeds, among the
+    co-activation arms whose cheap LM SAE keeps its cost within bounds against the cheap baseline."""
+
+    max_fvu_increase: float = 0.10  # relative
+    max_ce_drop: float = 0.02  # CE loss recovered, absolute
+
+    def validate(self, where: str = "selection") -> None:
+        check(self.max_fvu_increase >= 0, f"{where}.max_fvu_increase", "must be >= 0")
+        check(self.max_ce_drop >= 0, f"{where}.max_ce_drop", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class StudyParams:
+    """study/params.yaml. The arms (`sweep`, `ablation`, `headline`) have no default: they are the study."""
+
+    sweep: dict[str, Arm]  # tau schedules and strengths tried; `baseline` is the cost reference
+    ablation: dict[str, Arm]  # top-k fraction ablation at the selected setting
+    headline: dict[str, Arm]  # arms compared over seeds; `best` and `control` take the selection's
+    sweep_tokens: int = 250_000  # cheap LM SAEs for the sweep and the ablation (the default trains 1M)
+    topk_fraction: float = 0.001  # pairs kept per batch, for arms that do not set their own
+    scaling_tokens: tuple[int, ...] = (250_000, 500_000)  # absorption against tokens: these + 1M (the headline's)
+    headline_seeds: tuple[int, ...] = (0, 1, 2)  # LM SAE seeds of every headline arm (paired: shared init and data)
+    headline_arms: tuple[str, ...] = ("baseline", "best", "control", "matryoshka", "ortsae")
+    synthetic_extra: tuple[str, ...] = ("baseline", "best", "control", "matryoshka", "ortsae")  # also on synthetic
+    scaling_arms: tuple[str, ...] = ("baseline", "best")
+    heldout_contexts: int = 16  # core metrics (FVU, CE) on the first held-out contexts (the default's 65 cost ~65 s)
+    alpha: float = 0.05  # family-wise error of the Holm-corrected headline comparisons
+    selection: Selection = field(default_factory=Selection)  # declared before any headline run
+
+    def validate(self) -> None:
+        check(self.sweep_tokens >= 1, "sweep_tokens", "must be >= 1")
+        check(self.heldout_contexts >= 1, "heldout_contexts", "must be >= 1")
+        check(0 < self.topk_fraction <= 1, "topk_fraction", "must be in (0, 1]")
+        check(len(self.headline_seeds) >= 1, "headline_seeds", "needs at least one seed")
+        check(len(set(self.headline_seeds)) == len(self.headline_seeds), "headline_seeds", "must be distinct")
+        check("baseline" in self.sweep, "sweep", "needs a `baseline` arm (the cost reference)")
+        for group in ("sweep", "ablation", "headline"):
+            for name, arm in getattr(self, group).items():
+                check(name.replace(".", "_").replace("-", "_").isidentifier(), f"{group}.{name}", "bad arm name")
+                arm.validate(f"{group}.{name}")
+                check(
+                    not (group == "sweep" and arm.from_selection),
+                    f"{group}.{name}",
+                    "a sweep arm cannot use the selection",
+                )
+        for name in (*self.headline_arms, *self.synthetic_extra, *self.scaling_arms):
+            check(name in self.headline, "headline_arms", f"{name!r} has no entry in `headline`")
+        check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
+        self.selection.validate()
+
+
+def load_study(path: Path | str = STUDY_PARAMS) -> StudyParams:
+    study = build(StudyParams, read_yaml(path))
+    study.validate()
+    return study
+
+
+def load_study_or_exit(path: Path | str = STUDY_PARAMS) -> StudyParams:
+    """For stage entry points: one clear line on stderr and exit code 2 on bad or missing parameters."""
+    return load_or_exit(load_study, path)
