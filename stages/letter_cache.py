@@ -17,10 +17,11 @@ import torch
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.paths import LETTERS
 from sae_ortho.data.lm import ModelUnavailableError, load_model
 from sae_ortho.evaluation.letters import build_letter_cache, check_hook
 
-LETTERS_DIR = Path("data/letters")
+LETTERS_DIR = LETTERS
 METRICS = Path("metrics/letter_cache.json")
 
 

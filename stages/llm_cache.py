@@ -15,16 +15,13 @@ from pathlib import Path
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.paths import ACTIVATIONS, CORPUS, HELDOUT, PROBE_ACTS, PROBING_DATA
 from sae_ortho.data.lm import ModelUnavailableError, load_model
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.evaluation.heldout import build_heldout
 from sae_ortho.evaluation.probe_cache import check_tasks_available, collect_probe_activations
 
-CORPUS = Path("data/corpus.parquet")
-ACTIVATIONS = Path("data/activations")
-PROBING = Path("data/probing")
-HELDOUT = Path("data/heldout")
-PROBE_ACTS = Path("data/probe_acts")
+PROBING = PROBING_DATA
 METRICS = Path("metrics/llm_cache.json")
 
 

@@ -7,21 +7,13 @@ top-5 probes sit at chance on a task where the LLM residual's do not (a broken S
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from sae_ortho.base import params as params_mod
-from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.paths import PROBE_ACTS
 from sae_ortho.evaluation.probing import check_probing_sanity, load_cache_manifest, sae_probe_results
-from sae_ortho.training.sae import CONFIG_FILE, SAE
+from sae_ortho.evaluation.stage_io import SAEStage
 
-PROBE_ACTS = Path("data/probe_acts")
 METRICS = Path("metrics/sparse_probing")
 
 
@@ -38,37 +30,16 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sae", required=True, help="name (metrics/sparse_probing/<name>.json)")
-    parser.add_argument("--dir", required=True, type=Path, help="SAE directory written by a training stage")
-    args = parser.parse_args()
-    p = params_mod.load_or_exit()
-    if "OMP_NUM_THREADS" not in os.environ:  # the machine is shared: 2 threads unless told otherwise
-        torch.set_num_threads(2)
-    t0 = time.perf_counter()
+    stage = SAEStage.from_argv(__doc__, METRICS)
+    p = stage.params
     try:
         manifest = load_cache_manifest(PROBE_ACTS, p)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
-    if not (args.dir / CONFIG_FILE).exists():
-        sys.exit(f"error: SAE directory {args.dir} not found (no {CONFIG_FILE}): train it first (dvc repro)")
-    sae = SAE.load(args.dir).eval()
-    if sae.cfg.hook_name and sae.cfg.hook_name != manifest["hook_name"]:
-        sys.exit(
-            f"error: SAE {args.dir} was trained at {sae.cfg.hook_name}, {PROBE_ACTS} holds {manifest['hook_name']}"
-        )
-    if sae.cfg.d_in != manifest["d_in"]:
-        sys.exit(f"error: SAE {args.dir} has d_in {sae.cfg.d_in}, {PROBE_ACTS} holds d {manifest['d_in']}")
-    result = sae_probe_results(sae, PROBE_ACTS, p)
-    result = {"sae": args.sae, "dir": str(args.dir), **result, "seconds": round(time.perf_counter() - t0, 1)}
-    METRICS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(METRICS / f"{args.sae}.json", json.dumps(result, indent=2) + "\n")
+    sae = stage.load_sae(PROBE_ACTS, manifest["hook_name"], manifest["d_in"])
+    result = stage.write(sae_probe_results(sae, PROBE_ACTS, p))
     print(table(result))
-    fails = check_probing_sanity(result)
-    if fails:
-        for fail in fails:
-            print(f"error: probing@{args.sae}: {fail}", file=sys.stderr)
-        sys.exit(1)
+    stage.fail_on("probing", check_probing_sanity(result))
 
 
 if __name__ == "__main__":

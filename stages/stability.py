@@ -17,11 +17,11 @@ from sae_ortho.analysis import stability_analysis as sa
 from sae_ortho.base import params as params_mod
 from sae_ortho.base import plots
 from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.paths import HELDOUT
 from sae_ortho.evaluation.heldout import HeldoutSet
 from sae_ortho.training.sae import CONFIG_FILE, SAE
 
 MODELS = Path("models")
-HELDOUT = Path("data/heldout")
 ABSORPTION = Path("metrics/absorption")
 SYNTHETIC = MODELS / "synthetic" / "ortho"
 OUT = Path("metrics/stability.json")

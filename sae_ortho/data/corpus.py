@@ -23,6 +23,7 @@ import pandas as pd
 
 from sae_ortho.base.io import atomic_file, atomic_write_text
 from sae_ortho.base.params import Params
+from sae_ortho.base.paths import CORPUS, PROBING_DATA
 from sae_ortho.data.probing_tasks import build_probing_tasks, cut_text
 from sae_ortho.data.sources import (
     MIN_SNIPPET_CHARS,
@@ -38,8 +39,8 @@ from sae_ortho.data.sources import (
     read_xsum,
 )
 
-CORPUS_PATH = Path("data/corpus.parquet")
-PROBING_DIR = Path("data/probing")
+CORPUS_PATH = CORPUS
+PROBING_DIR = PROBING_DATA
 METRICS_PATH = Path("metrics/corpus.json")
 
 

@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text, sha256_file
+from sae_ortho.base.paths import CORPUS
 from sae_ortho.data.shards import DTYPES, ShardInfo, write_manifest, write_shard
 
-CORPUS = Path("data/corpus.parquet")
 OUT_DIR = Path("data/activations")
 PARTIAL_DIR = Path("data/activations.partial")
 METRICS = Path("metrics/extract.json")

@@ -20,15 +20,12 @@ import torch
 
 from sae_ortho.analysis import stability as st
 from sae_ortho.base.params import Params
+from sae_ortho.base.paths import HELDOUT, LETTERS, PROBE_ACTS
 from sae_ortho.evaluation.absorption import absorption_result
 from sae_ortho.evaluation.core import core_metrics, science_failures
 from sae_ortho.evaluation.heldout import HeldoutSet
 from sae_ortho.evaluation.probing import check_probing_sanity, sae_probe_results
 from sae_ortho.training.sae import SAE
-
-HELDOUT = Path("data/heldout")
-LETTERS = Path("data/letters")
-PROBE_ACTS = Path("data/probe_acts")
 
 CORE_KEYS = ("fvu", "l0", "ce_recovered_vs_zero", "kl_with_sae", "dead_fraction", "dense_fraction")
 ABSORPTION_KEYS = (
