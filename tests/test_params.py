@@ -124,9 +124,9 @@ def test_study_arms_are_required(tmp_path):
 
 
 def test_readme_parameter_table_is_the_generated_schema():
-    """README's "Parameters" tables are `python -m sae_ortho.base.schema` output, so the documented
+    """README's "Parameters" tables are `python -m sae_ortho.base.schema_doc` output, so the documented
     keys, types and defaults cannot drift from the code."""
     result = subprocess.run(
-        [sys.executable, "-m", "sae_ortho.base.schema"], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "sae_ortho.base.schema_doc"], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() in (REPO / "README.md").read_text()

@@ -2,7 +2,7 @@
 
 Every stage calls `load_or_exit()`; an unknown key, a wrong type or an out-of-range value gives one
 line naming the key and exit code 2, before any heavy work. params.yaml holds every default; the
-dataclass defaults equal it (tests/test_params.py), and `python -m sae_ortho.base.schema` prints
+dataclass defaults equal it (tests/test_params.py), and `python -m sae_ortho.base.schema_doc` prints
 the table of keys in README's "Parameters".
 """
 

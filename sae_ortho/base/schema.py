@@ -3,7 +3,7 @@ required keys rejected in one line that names the key; and the schema as a table
 
 `build(cls, raw)` is the whole loader: nested dataclasses, Literal choices, tuples, dicts, unions.
 `schema_rows(cls)` lists every key with its type, default and the comment beside its field, which
-`python -m sae_ortho.base.schema` prints as the README's parameter table.
+`python -m sae_ortho.base.schema_doc` prints as the README's parameter tables.
 """
 
 from __future__ import annotations
@@ -211,17 +211,3 @@ def markdown_table(cls: type, yaml_path: Path | None = None) -> str:
         meaning = meaning or from_yaml.get(key, "")
         lines.append(f"| `{key}` | {type_name} | `{default}` | {meaning.replace('|', '/')} |")
     return "\n".join(lines)
-
-
-def main() -> None:
-    from sae_ortho.base.params import PARAMS_FILE, Params
-    from sae_ortho.base.study_params import STUDY_PARAMS, StudyParams
-
-    print("#### params.yaml\n")
-    print(markdown_table(Params, PARAMS_FILE))
-    print("\n#### study/params.yaml\n")
-    print(markdown_table(StudyParams, STUDY_PARAMS))
-
-
-if __name__ == "__main__":
-    main()
