@@ -25,7 +25,8 @@ from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import TrainParams
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.ortho import add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr, select_pairs_scipy
-from sae_ortho.training.train import RunConfig, Trainer
+from sae_ortho.training.run_config import RunConfig
+from sae_ortho.training.trainer import Trainer
 
 ARCHS = {"relu": ("relu", 32), "topk32": ("topk", 32), "topk64": ("topk", 64)}
 

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.extract import run_saelens, saelens_config, stdlib_docstring_corpus, token_bodies, token_rows
+from bench.extract import stdlib_docstring_corpus, token_bodies, token_rows
+from bench.saelens_runner import run_saelens, saelens_config
 from sae_ortho.base.params import ExtractParams, Params
 from sae_ortho.data.extract import extract
 from sae_ortho.data.shards import ActivationShards
