@@ -1,5 +1,5 @@
 """Stage `train` / `train_baseline`: one SAE, with or without the orthogonality term
-(library: sae_ortho/training/train.py).
+(library: sae_ortho/training/train.py, trainer.py).
 
 `--seed N` trains one of the stability analysis's extra seeds (stages `train_seed@N`, `train_baseline_seed@N`)
 into models/seeds/<name>_s<N>, metrics/train/seeds/<name>_s<N>.json; without it, the default SAE at `sae_seed`.
@@ -13,8 +13,11 @@ import sys
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.paths import ACTIVATIONS
 from sae_ortho.data.shards import ActivationShards
-from sae_ortho.training.train import ACTIVATIONS, METRICS, MODELS, NonFiniteLoss, run_config, train
+from sae_ortho.training.run_config import run_config
+from sae_ortho.training.train import METRICS, MODELS, train
+from sae_ortho.training.trainer import NonFiniteLoss
 
 
 def main() -> None:

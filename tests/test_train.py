@@ -13,9 +13,12 @@ import yaml
 from sae_ortho.base.params import ExtractParams, OrthoParams, ParamError, Params, TrainParams, load
 from sae_ortho.data.extract import extract
 from sae_ortho.data.shards import ActivationShards
+from sae_ortho.training.checkpoint import load_checkpoint, save_checkpoint, trainer_state
+from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.sae import SAE
 from sae_ortho.training.sparse_ops import dense_pre_acts
-from sae_ortho.training.train import NonFiniteLoss, RunConfig, Trainer, train
+from sae_ortho.training.train import train
+from sae_ortho.training.trainer import NonFiniteLoss, Trainer
 from tests.conftest import stage_env, write_small_corpus
 
 TINY = TrainParams(
@@ -159,13 +162,13 @@ def test_checkpoint_of_an_older_format_is_ignored(shards, tmp_path):
     cfg = RunConfig(TINY, seed=0, tau=5.0, penalty="random")
     trainer = Trainer(cfg, shards)
     fp = cfg.fingerprint(trainer.source.fingerprint)
-    old = {"fingerprint": fp, **trainer.state(), "pair_log": [{"i": np.zeros(3, dtype=np.int32)}]}
+    old = {"fingerprint": fp, **trainer_state(trainer), "pair_log": [{"i": np.zeros(3, dtype=np.int32)}]}
     del old["format"], old["penalty"]
     (tmp_path / "ckpt").mkdir()
     torch.save(old, tmp_path / "ckpt" / "ckpt.pt")
-    assert not trainer.load_checkpoint(tmp_path / "ckpt", fp)
-    trainer.save_checkpoint(tmp_path / "ckpt", fp)
-    assert Trainer(cfg, shards).load_checkpoint(tmp_path / "ckpt", fp)
+    assert not load_checkpoint(trainer, tmp_path / "ckpt", fp)
+    save_checkpoint(trainer, tmp_path / "ckpt", fp)
+    assert load_checkpoint(Trainer(cfg, shards), tmp_path / "ckpt", fp)
 
 
 def test_snapshots_are_taken_evenly_and_survive_a_resume(shards, tmp_path):
@@ -182,15 +185,15 @@ def test_snapshots_are_taken_evenly_and_survive_a_resume(shards, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
-    import sae_ortho.training.train as train_mod
+    import sae_ortho.training.batches as batches_mod
 
-    real = train_mod.shuffled_batches
+    real = batches_mod.shuffled_batches
 
     def poisoned(*args, **kw):
         for n, batch in enumerate(real(*args, **kw)):
             yield batch * float("nan") if n == 7 else batch
 
-    monkeypatch.setattr(train_mod, "shuffled_batches", poisoned)
+    monkeypatch.setattr(batches_mod, "shuffled_batches", poisoned)
     with pytest.raises(NonFiniteLoss, match="at step 7"):
         run(RunConfig(TINY, seed=0), shards, tmp_path, "nan")
     state = torch.load(tmp_path / ".ckpt_nan" / "last_good" / "ckpt.pt", weights_only=True)

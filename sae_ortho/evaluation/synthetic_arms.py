@@ -33,8 +33,9 @@ from sae_ortho.evaluation.synthetic import (
     parent_child_pairs,
 )
 from sae_ortho.training.ortho import pair_budget
+from sae_ortho.training.run_config import RunConfig, run_config
 from sae_ortho.training.sae import SAE
-from sae_ortho.training.train import RunConfig, run_config, train
+from sae_ortho.training.train import train
 
 ARMS = ("baseline", "ortho")  # the LM's arms (run_config); the study's arms join here
 

@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 
 from sae_ortho.base.params import OrthoParams, ParamError, Params, TrainParams, _build, _check
-from sae_ortho.training.train import RunConfig
+from sae_ortho.training.run_config import RunConfig
 
 STUDY_PARAMS = Path("study/params.yaml")
 SELECTION = Path("metrics/study/selection.json")

@@ -1,0 +1,79 @@
+"""Checkpoints of a training run: everything a killed run needs to resume bit-identically.
+
+That is the SAE, Adam, the step, tau_t, the dead-latent counters, the logs, torch's global RNG and
+the penalty's own RNG (the random-pairs control and the OrtSAE-style chunks draw from one each
+step). The data stream is rebuilt from its seed and fast-forwarded instead of stored: the shard
+shuffler (batches.py) and the synthetic source draw from RNGs local to the stream. Nothing in a
+run draws from numpy's global RNG or python's `random`, so neither is stored.
+
+Checkpoints are loaded with torch.load(weights_only=True), which unpickles only tensors and plain
+python containers: nothing in them can run code, and numpy arrays are stored as tensors.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sae_ortho.base.io import atomic_file
+
+if TYPE_CHECKING:
+    from sae_ortho.training.trainer import Trainer
+
+# Bumped when a checkpoint's contents change: an older checkpoint then starts the run afresh
+# rather than resuming without the state it lacks (2: the penalty's RNG, weights_only loading).
+CHECKPOINT_FORMAT = 2
+CHECKPOINT = "ckpt.pt"
+
+
+def trainer_state(trainer: Trainer) -> dict:
+    """The trainer's resumable state, as weights_only loading admits it."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "sae": trainer.sae.state_dict(),
+        "opt": trainer.opt.state_dict(),
+        "step": trainer.step,
+        "tau": trainer.tau.tau,
+        "silent_tokens": trainer.silent_tokens,
+        "pair_log": [{k: torch.from_numpy(v) for k, v in rows.items()} for rows in trainer.pair_log],
+        "history": trainer.history,
+        "torch_rng": torch.get_rng_state(),
+        "penalty": trainer.penalty.state_dict() if trainer.penalty is not None else {},
+    }
+
+
+def save_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> None:
+    # atomic_file writes under a unique temporary name: a kill mid-write leaves the last checkpoint whole
+    with atomic_file(directory / CHECKPOINT) as tmp:
+        torch.save({"fingerprint": fingerprint, **trainer_state(trainer)}, tmp)
+
+
+def load_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> bool:
+    """Restore `trainer` from `directory` if it holds a checkpoint of this run (same fingerprint)."""
+    path = directory / CHECKPOINT
+    if not path.exists():
+        return False
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # format 1 held numpy arrays
+        state = {}
+    if state.get("format") != CHECKPOINT_FORMAT:
+        print(f"ignoring {path}: written by an older trainer, it cannot resume exactly", file=sys.stderr)
+        return False
+    if state["fingerprint"] != fingerprint:
+        return False
+    trainer.sae.load_state_dict(state["sae"])
+    trainer.opt.load_state_dict(state["opt"])
+    trainer.step, trainer.tau.tau = state["step"], state["tau"]
+    trainer.silent_tokens, trainer.history = state["silent_tokens"], state["history"]
+    trainer.pair_log = [{k: v.numpy() for k, v in rows.items()} for rows in state["pair_log"]]
+    torch.set_rng_state(state["torch_rng"])
+    if trainer.penalty is not None:
+        trainer.penalty.load_state_dict(state["penalty"])
+    for _ in range(trainer.step):  # the data stream is deterministic: skip what was consumed
+        next(trainer.batches)
+    return True

@@ -1,0 +1,205 @@
+"""The training step: SAE loss with the instantaneous top-k orthogonality term (or a study arm's penalty).
+
+Per step:
+
+  loss = ||x - x_hat||^2 / d_in  (+ l1_coeff * sum_i f_i ||w_i|| for relu, + AuxK for topk)
+         + tau_t * mean_{(i,j) in top pairs} (w_i . w_j)^2
+
+then the decoder gradient's component along each row is removed, Adam steps, and rows are
+renormalised to unit L2 norm. A non-finite loss raises NonFiniteLoss with the step number.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from sae_ortho.base import params as params_mod
+from sae_ortho.data.shards import ActivationShards
+from sae_ortho.training.batches import BatchSource, as_source
+from sae_ortho.training.ortho import TauSchedule
+from sae_ortho.training.penalties import DecoderPenalty
+from sae_ortho.training.run_config import RunConfig
+from sae_ortho.training.sae import SAE, SAEConfig
+from sae_ortho.training.sparse_ops import (
+    ActiveCodes,
+    decode_active,
+    dense_pre_acts,
+    gather_pre_acts,
+    positive_pattern,
+    topk_pattern,
+)
+
+DENSE_FRACTION = 0.1  # above this share of active codes the dense step is faster
+
+
+class NonFiniteLoss(RuntimeError):
+    """The step's loss was NaN or infinite; the message names the step and the loss parts."""
+
+
+def matryoshka_loss(mse: torch.Tensor, xs: torch.Tensor, codes: ActiveCodes, sae: SAE, prefixes) -> torch.Tensor:
+    """Matryoshka objective (Bussmann et al. 2025): each prefix of the latents [0, m) must reconstruct
+    the input on its own; the mean over prefixes (the last is the full SAE, whose error is `mse`).
+    TopK picks the active latents, as for the plain SAE, so L0 is matched exactly across arms."""
+    losses = [mse]
+    for m in prefixes[:-1]:
+        kept = codes.values * (codes.cols < m)
+        x_hat = decode_active(codes.cols, codes.offsets, kept, sae.W_dec) + sae.b_dec
+        losses.append(((xs - x_hat) ** 2).sum(-1).mean() / sae.cfg.d_in)
+    return torch.stack(losses).mean()
+
+
+def lr_at(step: int, t: params_mod.TrainParams) -> float:
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    decay_start = int(t.steps * (1 - t.decay_fraction))
+    if step >= decay_start and t.decay_fraction > 0:
+        return t.lr * max(0.0, (t.steps - step) / max(1, t.steps - decay_start))
+    return t.lr
+
+
+class Trainer:
+    """One run's model, optimiser and step; checkpoint.py saves and restores it, train() drives it."""
+
+    def __init__(self, cfg: RunConfig, data: ActivationShards | BatchSource, model_name: str = "", hook_name: str = ""):
+        self.cfg = cfg
+        t = cfg.train
+        torch.manual_seed(cfg.seed)
+        self.source = as_source(data, t)
+        scale = math.sqrt(self.source.d_in) / self.source.norm_mean if t.normalize_inputs else 1.0
+        sae_cfg = SAEConfig(
+            d_in=self.source.d_in,
+            d_sae=t.d_sae,
+            architecture=t.architecture,
+            k=t.k,
+            input_scale=scale,
+            model_name=model_name,
+            hook_name=hook_name,
+        )
+        self.sae = SAE(sae_cfg, seed=cfg.seed)
+        self.batches = self.source.stream(t.batch_size, cfg.seed)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=(0.9, 0.999))
+        self.tau = TauSchedule(cfg.tau, cfg.tau_schedule, cfg.ortho.target, cfg.ortho.tau_lr, cfg.tau_decay)
+        self.penalty: DecoderPenalty | None = cfg.make_penalty()
+        self.step = 0
+        self.silent_tokens = torch.zeros(t.d_sae, dtype=torch.long)
+        self.pair_log: list[dict[str, np.ndarray]] = []
+        self.history: list[dict[str, float]] = []
+        self._pre_buffer = torch.empty(0)
+
+    def encode_decode(self, xs: torch.Tensor, sparse: bool | None = None) -> tuple[ActiveCodes, torch.Tensor, dict]:
+        """Codes (CSR, differentiable values), reconstruction, and what AuxK needs.
+
+        The sparse path (sparse_ops.py) is used unless the active set is over
+        `DENSE_FRACTION` of the code matrix (an untrained ReLU SAE), where dense matmuls win.
+        Both compute the same function; tests compare their losses and gradients."""
+        sae = self.sae
+        with torch.no_grad():
+            x_centred = xs - sae.b_dec
+            # One [batch, d_sae] buffer reused across steps: a fresh 268 MB tensor per step (d_sae
+            # 16384) is page-faulted in again every time, ~8% of the step.
+            if self._pre_buffer.shape != (len(xs), sae.cfg.d_sae):
+                self._pre_buffer = torch.empty(len(xs), sae.cfg.d_sae)
+            pre = torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=self._pre_buffer)
+        if sae.cfg.architecture == "topk":
+            rows, cols, offsets = topk_pattern(pre, sae.cfg.k)
+        else:
+            rows, cols, offsets = positive_pattern(pre)
+        if sparse is None:
+            sparse = len(cols) <= DENSE_FRACTION * pre.numel()
+        ctx = {"sparse": sparse, "pre": pre, "x_centred": x_centred}
+        if sparse:
+            values = gather_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec, rows, cols).relu()
+            x_hat = decode_active(cols, offsets, values, sae.W_dec) + sae.b_dec
+        else:
+            pre_grad = dense_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec)
+            f = torch.zeros_like(pre_grad).index_put((rows, cols), pre_grad[rows, cols].relu())
+            values = f[rows, cols]
+            x_hat = f @ sae.W_dec + sae.b_dec
+            ctx["pre"] = pre_grad
+        return ActiveCodes(rows, cols, offsets, values), x_hat, ctx
+
+    def aux_k_loss(self, ctx: dict, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual."""
+        sae, pre = self.sae, ctx["pre"]
+        k = min(self.cfg.train.aux_k, int(dead.sum()))
+        rows, cols, offsets = topk_pattern(pre, k, allowed=dead)
+        if ctx["sparse"]:
+            values = gather_pre_acts(pre, ctx["x_centred"], sae.W_enc, sae.b_enc, sae.b_dec, rows, cols)
+            recon = decode_active(cols, offsets, values.relu(), sae.W_dec)
+        else:
+            f = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
+            recon = f @ sae.W_dec
+        return ((residual - recon) ** 2).sum(-1).mean() / (residual**2).sum(-1).mean().clamp_min(1e-8)
+
+    def train_step(self, x: torch.Tensor, sparse: bool | None = None) -> dict[str, float]:
+        t, sae = self.cfg.train, self.sae
+        # The penalty's own share of the step (selection, loss, gradient) is timed around its calls:
+        # whole-run time differences swing by +-10% on a shared machine (absorption efficiency).
+        step_start, penalty_s = time.perf_counter(), 0.0
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, t)
+        xs = x * sae.cfg.input_scale
+        codes, x_hat, ctx = self.encode_decode(xs, sparse)
+        err = xs - x_hat
+        mse = (err**2).sum(-1).mean() / sae.cfg.d_in
+        loss = mse
+        parts = {"mse": mse.item()}
+        if self.cfg.matryoshka_prefixes:
+            loss = matryoshka_loss(mse, xs, codes, sae, self.cfg.matryoshka_prefixes)
+            parts["matryoshka"] = loss.item()
+        active = codes.values.detach() > 0
+        with torch.no_grad():
+            self.silent_tokens += len(x)
+            self.silent_tokens[codes.cols[active]] = 0
+            dead = self.silent_tokens >= t.dead_tokens
+        if t.architecture == "relu":
+            l1 = (codes.values * sae.W_dec.norm(dim=1)[codes.cols]).sum() / len(x) / sae.cfg.d_in
+            loss = loss + t.l1_coeff * l1
+            parts["l1"] = l1.item()
+        elif t.aux_coeff > 0 and dead.any():
+            aux = self.aux_k_loss(ctx, err.detach(), dead)
+            loss = loss + t.aux_coeff * aux
+            parts["auxk"] = aux.item()
+        tau = self.tau.tau
+        penalty = self.penalty
+        if penalty is not None:
+            t0 = time.perf_counter()
+            terms = penalty.terms(sae.W_dec, codes, t.d_sae)  # gradient added after backward, in place
+            penalty_s += time.perf_counter() - t0
+            parts.update(terms.parts)
+            if self.step % self.cfg.ortho.log_pairs_every == 0:
+                self.pair_log.append(penalty.log_rows(sae.W_dec, terms, self.step))
+            self.tau.update(parts["mean_abs_cos"])
+        total = loss.item() + (tau * terms.value if penalty is not None else 0.0)
+        if not math.isfinite(total):
+            raise NonFiniteLoss(f"non-finite loss ({total}) at step {self.step}: {parts}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if penalty is not None and tau > 0:
+            t0 = time.perf_counter()
+            penalty.add_grad_(sae.W_dec.grad, sae.W_dec, terms, tau)
+            penalty_s += time.perf_counter() - t0
+        sae.remove_parallel_grad()
+        self.opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            centered = xs - xs.mean(0)
+            fvu = (err**2).sum() / (centered**2).sum()
+        stats = {
+            "step": self.step,
+            "loss": total,
+            **parts,
+            "tau": tau,
+            "lr": lr_at(self.step, t),
+            "l0": active.sum().item() / len(x),
+            "fvu": fvu.item(),
+            "dead_fraction": dead.float().mean().item(),
+            "step_seconds": time.perf_counter() - step_start,
+            "penalty_seconds": penalty_s,
+        }
+        self.step += 1
+        return stats
