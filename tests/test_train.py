@@ -184,6 +184,14 @@ def test_snapshots_are_taken_evenly_and_survive_a_resume(shards, tmp_path):
     assert not torch.allclose(snaps[10]["W_dec"], snaps[40]["W_dec"], atol=1e-2)
 
 
+def test_snapshot_steps_never_include_step_zero():
+    from sae_ortho.training.train import snapshot_steps
+
+    assert snapshot_steps(replace(TINY, snapshots=4)) == {10, 20, 30, 40}
+    assert snapshot_steps(replace(TINY, train_tokens=128 * 5, snapshots=10)) == {1, 2, 3, 4, 5}
+    assert snapshot_steps(replace(TINY, snapshots=0)) == set()
+
+
 def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
     import sae_ortho.training.batches as batches_mod
 

@@ -37,8 +37,12 @@ METRICS = Path("metrics/train")
 
 
 def snapshot_steps(t: params_mod.TrainParams) -> set[int]:
-    """Steps after which a snapshot is taken: `t.snapshots` evenly spaced, the last at the end."""
-    return {round(n * t.steps / t.snapshots) for n in range(1, t.snapshots + 1)} if t.snapshots else set()
+    """Steps after which a snapshot is taken: `t.snapshots` evenly spaced, the last at the end.
+
+    At most one per step: a run shorter than its snapshot count would otherwise round one to step 0,
+    which no step ends at, and fail collecting them after training."""
+    n = min(t.snapshots, t.steps)
+    return {round(i * t.steps / n) for i in range(1, n + 1)} if n else set()
 
 
 @torch.no_grad()
