@@ -42,9 +42,15 @@ bench: $(STAMP)
 	$(PY) -m bench.extract
 	$(PY) -m bench.train
 
+# ruff; import-linter's contracts (pyproject.toml: imports only point down the pipeline's layers, stages
+# independent); pylint's similarity checker: no block of 10 or more lines (imports, docstrings, comments and
+# signatures ignored) may repeat across the library, stages and benchmarks.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sae_ortho stages bench tests
 	$(VENV)/bin/ruff format --check sae_ortho stages bench tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/symilar -d 10 --ignore-imports --ignore-docstrings --ignore-comments --ignore-signatures \
+		$$(git ls-files 'sae_ortho/*.py' 'stages/*.py' 'bench/*.py') | tee /dev/stderr | grep -q "duplicates=0 "
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,8 +23,9 @@ from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.evaluation.absorption import load_manifest, seed_result
+from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.sae import SAE
-from sae_ortho.training.train import RunConfig, train
+from sae_ortho.training.train import train
 
 # name -> overrides of params.yaml's `train` section
 ARMS: dict[str, dict] = {

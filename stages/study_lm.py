@@ -22,12 +22,14 @@ import torch
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.paths import ACTIVATIONS
 from sae_ortho.base.study_params import load_study_or_exit
 from sae_ortho.data.lm import ModelUnavailableError, load_model
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.study.arms import arm_spec, run_config_for
 from sae_ortho.study.evaluate import BrokenSAE, evaluate, pair_stability
-from sae_ortho.training.train import ACTIVATIONS, NonFiniteLoss, train
+from sae_ortho.training.train import train
+from sae_ortho.training.trainer import NonFiniteLoss
 
 MODELS = Path("models/study")
 METRICS = Path("metrics/study")

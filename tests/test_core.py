@@ -9,8 +9,9 @@ from sae_ortho.data.extract import extract
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.evaluation.core import core_metrics, decoder_geometry_all_pairs, science_failures
 from sae_ortho.evaluation.heldout import HeldoutSet, build_heldout, spliced_losses
+from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.sae import SAE
-from sae_ortho.training.train import RunConfig, train
+from sae_ortho.training.train import train
 from tests.conftest import write_small_corpus
 
 CP = CoreParams(pair_batch_size=128, pair_fraction=0.01)

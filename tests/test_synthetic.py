@@ -19,8 +19,10 @@ from sae_ortho.data.shards import ActivationShards, write_manifest, write_shard
 from sae_ortho.evaluation import synthetic as syn
 from sae_ortho.evaluation import synthetic_arms as arms
 from sae_ortho.training.batches import shuffled_batches
+from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.sae import SAE, SAEConfig
-from sae_ortho.training.train import RunConfig, Trainer, geometric_median, train
+from sae_ortho.training.train import geometric_median, train
+from sae_ortho.training.trainer import Trainer
 from tests.conftest import REPO, stage_env
 
 FLAT = SyntheticHierarchy("flat", total_root_nodes=4, branching_factor=3, max_depth=1, num_features=24)

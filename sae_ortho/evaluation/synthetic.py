@@ -103,7 +103,7 @@ def parent_child_pairs(model: SyntheticModel) -> np.ndarray:
 
 @dataclass
 class SyntheticSource:
-    """SAELens's synthetic model as a trainer BatchSource (sae_ortho.training.train): endless batches drawn
+    """SAELens's synthetic model as a trainer BatchSource (sae_ortho.training.batches): endless batches drawn
     under an RNG stream seeded by the training seed; no shards."""
 
     model: SyntheticModel

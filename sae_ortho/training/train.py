@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_file
+from sae_ortho.base.stats import bootstrap_indices, percentile_ci
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.batches import BatchSource
 from sae_ortho.training.checkpoint import load_checkpoint, save_checkpoint
@@ -65,13 +66,13 @@ def penalty_overhead(times: np.ndarray, n_boot: int = 1000, warmup: int = 20) ->
         return {}
     total, penalty = times[:, 0], times[:, 1]
     overhead = penalty.sum() / max((total - penalty).sum(), 1e-12)
-    idx = np.random.default_rng(0).integers(0, len(times), (n_boot, len(times)))
+    idx = bootstrap_indices(len(times), n_boot, seed=0)
     boots = penalty[idx].sum(1) / np.maximum((total - penalty)[idx].sum(1), 1e-12)
     return {
         "step_seconds_mean": round(float(total.mean()), 5),
         "penalty_seconds_mean": round(float(penalty.mean()), 6),
         "penalty_overhead": round(float(overhead), 5),
-        "penalty_overhead_ci95": [round(float(q), 5) for q in np.quantile(boots, [0.025, 0.975])],
+        "penalty_overhead_ci95": percentile_ci(boots),
     }
 
 
