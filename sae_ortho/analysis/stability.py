@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sae_ortho.training.ortho import select_pairs
+from sae_ortho.training.ortho import pair_id, select_pairs
 
 
 def pair_ids(i: np.ndarray, j: np.ndarray, d_sae: int) -> np.ndarray:
-    lo, hi = np.minimum(i, j).astype(np.int64), np.maximum(i, j).astype(np.int64)
-    return np.unique(lo * d_sae + hi)
+    """The sorted, distinct pair ids of a pair set."""
+    return np.unique(pair_id(i, j, d_sae))
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:

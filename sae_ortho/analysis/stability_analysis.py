@@ -17,7 +17,7 @@ from sae_ortho.analysis import matching
 from sae_ortho.analysis import stability as st
 from sae_ortho.base.params import StabilityParams
 from sae_ortho.evaluation.core import unit_rows
-from sae_ortho.training.ortho import pair_budget
+from sae_ortho.training.ortho import pair_budget, pair_id
 from sae_ortho.training.sae import CONFIG_FILE, SAE
 from sae_ortho.training.snapshots import SNAPSHOTS, load_snapshots
 
@@ -38,7 +38,7 @@ def within_run(pairs: pd.DataFrame, w_dec_final: torch.Tensor, fraction: float, 
     null_distinct = [len(st.persistence(n)[0]) for n in nulls]
     null_counts = st.persistence(nulls[0])[1]
     order = np.argsort(-counts, kind="stable")[: sp.top_pairs]
-    first = pairs.assign(id=np.minimum(pairs.i, pairs.j).astype(np.int64) * d_sae + np.maximum(pairs.i, pairs.j))
+    first = pairs.assign(id=pair_id(pairs.i.to_numpy(), pairs.j.to_numpy(), d_sae))
     first = first.sort_values("step").drop_duplicates("id").set_index("id")
     w = unit_rows(w_dec_final)
     top = []

@@ -42,6 +42,13 @@ def pair_budget(d_sae: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * d_sae * (d_sae - 1) / 2))
 
 
+def pair_id(i: np.ndarray, j: np.ndarray, d_sae: int) -> np.ndarray:
+    """The id of each unordered feature pair {i, j}: min * d_sae + max (int64), the numbering the
+    kernels, the pair log and the stability analysis share."""
+    i, j = np.asarray(i), np.asarray(j)
+    return np.minimum(i, j).astype(np.int64) * d_sae + np.maximum(i, j).astype(np.int64)
+
+
 def codes_to_csr(f: torch.Tensor, topk_indices: torch.Tensor | None = None) -> sp.csr_matrix:
     """The nonzero codes as a scipy CSR matrix [batch, d_sae]; uses the top-k indices when given."""
     f = f.detach()

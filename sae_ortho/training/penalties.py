@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sae_ortho.training.ortho import PairSelection, add_ortho_grad_, ortho_terms, pair_budget, select_pairs_csr
+from sae_ortho.training.ortho import (
+    PairSelection,
+    add_ortho_grad_,
+    ortho_terms,
+    pair_budget,
+    pair_id,
+    select_pairs_csr,
+)
 
 
 @dataclass
@@ -107,8 +114,7 @@ class RandomPairs(SeededPenalty):
         while len(ids) < budget:  # rejection: distinct unordered pairs, i != j
             i, j = self.rng.integers(0, d_sae, (2, 2 * budget))
             keep = i != j
-            lo, hi = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
-            ids = np.unique(np.concatenate([ids, lo * d_sae + hi]))
+            ids = np.unique(np.concatenate([ids, pair_id(i[keep], j[keep], d_sae)]))
         ids = self.rng.permutation(ids)[:budget]
         pairs = PairSelection(
             torch.from_numpy(ids // d_sae), torch.from_numpy(ids % d_sae), torch.zeros(budget, dtype=torch.float32)
