@@ -14,12 +14,23 @@ from tests.pipeline_copy import copy_repo, reproduced, run
 
 
 @pytest.fixture(scope="module")
-def repo_copy(tmp_path_factory) -> Path:
-    return copy_repo(tmp_path_factory, "pipeline")
+def reproduced_repo(tmp_path_factory) -> Path:
+    """One `dvc repro` of the tiny default pipeline per module; tests get their own copy of the result."""
+    repo = copy_repo(tmp_path_factory, "pipeline")
+    run([sys.executable, "-m", "dvc", "repro"], repo)
+    return repo
+
+
+@pytest.fixture()
+def repo_copy(reproduced_repo, tmp_path) -> Path:
+    """A private copy of the reproduced repository (git, DVC cache and outputs): a test may edit params,
+    commit or run experiments without changing what another test sees, whatever their order."""
+    dest = tmp_path / "repo"
+    shutil.copytree(reproduced_repo, dest, symlinks=True)
+    return dest
 
 
 def test_dvc_repro_end_to_end(repo_copy):
-    run([sys.executable, "-m", "dvc", "repro"], repo_copy)
     manifest = json.loads((repo_copy / "data/activations/manifest.json").read_text())
     assert manifest["n_tokens"] >= 3000 and manifest["d_in"] == 576
     extract_metrics = json.loads((repo_copy / "metrics/extract.json").read_text())
