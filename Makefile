@@ -43,8 +43,8 @@ bench: $(STAMP)
 	$(PY) -m bench.train
 
 # ruff; import-linter's contracts (pyproject.toml: imports only point down the pipeline's layers, stages
-# independent); pylint's similarity checker: no block of 10 or more lines (imports, docstrings, comments and
-# signatures ignored) may repeat across the library, stages and benchmarks.
+# independent); pylint's similarity checker (-d 10: no identical run of more than 10 lines, imports, docstrings,
+# comments and signatures ignored) across the library, stages and benchmarks (tests/test_sizes.py checks it can fail).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sae_ortho stages bench tests
 	$(VENV)/bin/ruff format --check sae_ortho stages bench tests
