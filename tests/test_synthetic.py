@@ -89,6 +89,76 @@ def test_sae_built_to_absorb_measures_absorption_one(model):
     assert ev["summary"]["mcc"] < 0.99
 
 
+class PlantedSAE:
+    """A planted encoder over the exact dual of the true directions (latent i == feature i's activation),
+    with parent latents changed as a test needs; `W_dec` for the matching and the many-to-one sets."""
+
+    def __init__(self, model, w_dec: torch.Tensor, encode):
+        f = model.feature_dict.feature_vectors.detach()
+        self.dual, self.W_dec, self._encode = torch.linalg.pinv(f), w_dec, encode
+        self.gen = torch.Generator().manual_seed(7)  # its own stream: independent of the samples
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(x @ self.dual - 1e-4)  # float32 round-off of the dual must not count as firing
+        return self._encode(a, self.gen)
+
+
+def _rates(model, sae, pairs, n_latents: int | None = None):
+    matched = syn.match_features(sae.W_dec, model.feature_dict.feature_vectors)
+    return matched, syn.absorption_per_pair(sae, model, pairs, matched, 20_000, seed=3)
+
+
+def test_parent_silenced_at_random_reads_raw_absorption_but_no_normalised_absorption(model):
+    """A parent latent dropped on 40% of samples, independently of its children: the raw rate reads
+    ~0.4 absorption, recall reads ~0.6, and normalised absorption reads ~0 (it is not absorption)."""
+    pairs = syn.parent_child_pairs(model)
+    parents = torch.as_tensor(np.unique(pairs[:, 0]))
+    f = model.feature_dict.feature_vectors.detach()
+
+    def drop_parents(a, gen):
+        keep = (torch.rand(a.shape[0], len(parents), generator=gen) >= 0.4).float()
+        a = a.clone()
+        a[:, parents] *= keep
+        return a
+
+    _, pp = _rates(model, PlantedSAE(model, f.clone(), drop_parents), pairs)
+    assert np.allclose(pp["absorption"], 0.4, atol=0.08) and np.allclose(pp["parent_recall"], 0.6, atol=0.08)
+    assert np.abs(pp["absorption_normalised"]).max() < 0.15
+    assert np.all(pp["parent_learned"] == 1)  # recall 0.6 >= 0.5
+
+
+def test_planted_absorber_reads_normalised_absorption_one(model):
+    pairs = syn.parent_child_pairs(model)
+    ev = syn.evaluate(dual_sae(model, gate_parents=True), model, pairs, TINY)
+    pp = ev["per_pair"]
+    assert np.all(pp["absorption_normalised"] == 1) and np.all(pp["parent_recall"] == 1)
+    assert np.all(pp["absorption_normalised_m2o"] == 1)  # the absorbing child latent is not read as the parent
+
+
+def test_split_parent_reads_as_learned_under_the_many_to_one_reading(model):
+    """One parent's latent split in two (30% / 70% of its firings, both decoders on its direction): the
+    one-to-one reading calls it unlearned (recall ~0.3), the many-to-one reading learned (recall 1)."""
+    pairs = syn.parent_child_pairs(model)
+    parent = int(pairs[0, 0])
+    f = model.feature_dict.feature_vectors.detach()
+    w_dec = torch.cat([f, f[parent : parent + 1]])  # latent n_features: the parent's second half
+
+    def split(a, gen):
+        first = (torch.rand(a.shape[0], generator=gen) < 0.3).float()
+        return torch.cat([a, (a[:, parent] * (1 - first))[:, None]], 1).index_put_(
+            (torch.arange(a.shape[0]), torch.full((a.shape[0],), parent)), a[:, parent] * first
+        )
+
+    matched, pp = _rates(model, PlantedSAE(model, w_dec, split), pairs)
+    mine = pairs[:, 0] == parent
+    assert matched[parent] == parent  # Hungarian keeps the first of the two equal latents
+    assert np.allclose(pp["parent_recall"][mine], 0.3, atol=0.08) and not pp["parent_learned"][mine].any()
+    assert np.all(pp["parent_recall_m2o"][mine] == 1) and np.all(pp["parent_latents_m2o"][mine] == 2)
+    assert np.abs(pp["absorption_normalised_m2o"][mine]).max() < 1e-9
+    others = ~mine
+    assert np.all(pp["parent_recall"][others] == 1) and np.all(pp["absorption_normalised"][others] == 0)
+
+
 def test_pairs_are_the_hierarchy_edges(model):
     pairs = syn.parent_child_pairs(model)
     h = FLAT if model.cfg.hierarchy.max_depth == 1 else DEEP

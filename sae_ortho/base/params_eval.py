@@ -186,6 +186,10 @@ class SyntheticParams:
     eval_samples: int = 100_000
     eval_seed: int = 1000
     bootstrap: int = 1000  # resamples of parent/child pairs for the confidence intervals
+    # A parent counts as learned when its latent fires on at least this share of its lone firings.
+    learned_recall: float = 0.5
+    # Many-to-one reading: latents with at least this decoder cosine with a feature (and closest to it) stand for it.
+    many_to_one_cos: float = 0.5
 
     def validate(self, prefix: str = "synthetic") -> None:
         check(self.hidden_dim >= 2, f"{prefix}.hidden_dim", "must be >= 2")
@@ -228,6 +232,8 @@ class SyntheticParams:
         self.train.validate(f"{prefix}.train")
         check(self.eval_samples >= 1000, f"{prefix}.eval_samples", "must be >= 1000")
         check(self.bootstrap >= 100, f"{prefix}.bootstrap", "must be >= 100")
+        check(0 < self.learned_recall <= 1, f"{prefix}.learned_recall", "must be in (0, 1]")
+        check(0 < self.many_to_one_cos < 1, f"{prefix}.many_to_one_cos", "must be in (0, 1)")
 
 
 @dataclass(frozen=True)

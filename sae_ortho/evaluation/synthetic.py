@@ -144,9 +144,48 @@ def match_features(w_dec: torch.Tensor, features: torch.Tensor) -> np.ndarray:
     return matched
 
 
+def parent_latent_sets(w_dec: torch.Tensor, features: torch.Tensor, matched: np.ndarray, min_cos: float) -> list:
+    """Per true feature, the latents that stand for it under the many-to-one reading: its matched latent,
+    plus every latent matched to no feature whose decoder cosine with it is at least `min_cos` and whose
+    closest true feature it is (the extra halves of a split feature in an over-complete dictionary). A
+    child's latent that absorbed the parent direction is matched to the child, so it never joins the
+    parent's set: a split parent reads as learned without an absorber reading as its parent."""
+    w = torch.nn.functional.normalize(w_dec.detach().float(), dim=1)
+    f = torch.nn.functional.normalize(features.detach().float(), dim=1)
+    cos = (f @ w.T).numpy()  # [n_features, d_sae]
+    closest = cos.argmax(0)
+    free = np.ones(w.shape[0], dtype=bool)
+    free[matched] = False
+    return [
+        sorted({int(matched[n]), *np.flatnonzero(free & (cos[n] >= min_cos) & (closest == n)).tolist()})
+        for n in range(len(f))
+    ]
+
+
+def firing_rates(fires: np.ndarray, alone: np.ndarray, child_on: np.ndarray, pcol: np.ndarray) -> dict:
+    """From per-sample "the parent's latent(s) fire" [samples, parents], "the parent fires with none of its
+    children" [samples, parents] and "the child fires" [samples, pairs]: per pair, the parent's recall
+    P(fires | parent alone), raw absorption P(silent | child active) and normalised absorption
+    1 - P(fires | child active) / P(fires | alone). A parent latent that merely fires less, at random,
+    lowers its recall and raises the raw rate, but leaves the normalised one at 0."""
+    n_alone, n_child = alone.sum(0), child_on.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(n_alone > 0, (fires & alone).sum(0) / n_alone, np.nan)
+        fire_child = np.where(n_child > 0, (fires[:, pcol] & child_on).sum(0) / n_child, np.nan)
+        normalised = np.where(recall[pcol] > 0, 1 - fire_child / recall[pcol], np.nan)
+    return {"recall": recall[pcol], "absorption": 1 - fire_child, "normalised": normalised}
+
+
 @torch.no_grad()
 def absorption_per_pair(
-    sae: SAE, model: SyntheticModel, pairs: np.ndarray, matched: np.ndarray, n_samples: int, seed: int
+    sae: SAE,
+    model: SyntheticModel,
+    pairs: np.ndarray,
+    matched: np.ndarray,
+    n_samples: int,
+    seed: int,
+    many_to_one_cos: float = 0.5,
+    learned_recall: float = 0.5,
 ) -> dict[str, np.ndarray]:
     """Per (parent, child) pair, on `n_samples` fresh samples drawn under RNG `seed`."""
     parents = np.unique(pairs[:, 0])
@@ -154,17 +193,21 @@ def absorption_per_pair(
     pcol = np.array([parent_col[int(p)] for p in pairs[:, 0]])
     # Per parent: which pair columns are its children (for "parent active alone").
     children_of = [np.flatnonzero(pcol == n) for n in range(len(parents))]
+    sets = parent_latent_sets(sae.W_dec, model.feature_dict.feature_vectors, matched, many_to_one_cos)
+    parent_sets = [sets[int(p)] for p in parents]
     rng = IsolatedRng(seed)
-    z_par, par_on, child_on = [], [], []
+    z_par, any_par, par_on, child_on = [], [], [], []
     batch = 8192
     for start in range(0, n_samples, batch):
         with rng.active():
             x, a = model.sample_with_features(min(batch, n_samples - start))
         z = sae.encode(x)
         z_par.append(z[:, matched[parents]])
+        any_par.append(torch.stack([(z[:, s] > 0).any(1) for s in parent_sets], 1))
         par_on.append(a[:, parents] > 0)
         child_on.append(a[:, pairs[:, 1]] > 0)
     zp, pon, con = torch.cat(z_par).numpy(), torch.cat(par_on).numpy(), torch.cat(child_on).numpy()
+    fires_any = torch.cat(any_par).numpy()
     alone = np.stack([pon[:, n] & ~con[:, children_of[n]].any(1) for n in range(len(parents))], 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         # Per parent: its latent's mean activation when it fires without any child (the reference).
@@ -190,13 +233,23 @@ def absorption_per_pair(
                 out["activation_ratio"][j] = zj.mean() / r
     out["absorption_control"] = silent_alone[pcol]
     out["partial_control"] = np.where(ref > 0, weak_alone, np.nan)[pcol]
+    one = firing_rates(zp > 0, alone, con, pcol)
+    out["parent_recall"] = one["recall"]
+    out["absorption_normalised"] = one["normalised"]
     # A parent is "learned" when its matched latent fires on most of its lone firings. With TopK and
     # rare lone firings, some parents never get a latent of their own (their matched latent is
-    # unrelated, so absorption and control are both ~1); absorption_learned leaves those out.
-    learned = silent_alone[pcol] < 0.5
+    # unrelated, so absorption and control are both ~1); the *_learned figures leave those out.
+    learned = one["recall"] >= learned_recall
     out["parent_learned"] = learned.astype(float)
     out["absorption_learned"] = np.where(learned, out["absorption"], np.nan)
     out["absorption_control_learned"] = np.where(learned, out["absorption_control"], np.nan)
+    out["absorption_normalised_learned"] = np.where(learned, one["normalised"], np.nan)
+    # Many-to-one: the parent fires when any latent standing for its direction fires (a split parent).
+    many = firing_rates(fires_any, alone, con, pcol)
+    out["parent_recall_m2o"] = many["recall"]
+    out["absorption_m2o"] = many["absorption"]
+    out["absorption_normalised_m2o"] = many["normalised"]
+    out["parent_latents_m2o"] = np.array([len(parent_sets[c]) for c in pcol], dtype=float)
     out["n_child_active"] = n_child.astype(np.int64)
     return out
 
@@ -225,7 +278,9 @@ def evaluate(sae: SAE | Any, model: SyntheticModel, pairs: np.ndarray, s: Synthe
     from sae_lens.synthetic import eval_sae_on_synthetic_data
 
     matched = match_features(sae.W_dec, model.feature_dict.feature_vectors)
-    per_pair = absorption_per_pair(sae, model, pairs, matched, s.eval_samples, s.eval_seed)
+    per_pair = absorption_per_pair(
+        sae, model, pairs, matched, s.eval_samples, s.eval_seed, s.many_to_one_cos, s.learned_recall
+    )
     per_pair["child_parent_cos"], per_pair["child_parent_cos_control"] = decoder_cosines(
         sae.W_dec, model, pairs, matched
     )
