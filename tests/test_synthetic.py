@@ -155,6 +155,7 @@ def test_split_parent_reads_as_learned_under_the_many_to_one_reading(model):
     assert np.allclose(pp["parent_recall"][mine], 0.3, atol=0.08) and not pp["parent_learned"][mine].any()
     assert np.all(pp["parent_recall_m2o"][mine] == 1) and np.all(pp["parent_latents_m2o"][mine] == 2)
     assert np.abs(pp["absorption_normalised_m2o"][mine]).max() < 1e-9
+    assert np.all(pp["parent_learned_m2o"][mine] == 1) and np.all(pp["absorption_normalised_m2o_learned"][mine] == 0)
     others = ~mine
     assert np.all(pp["parent_recall"][others] == 1) and np.all(pp["absorption_normalised"][others] == 0)
 

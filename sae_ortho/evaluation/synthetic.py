@@ -249,6 +249,9 @@ def absorption_per_pair(
     out["parent_recall_m2o"] = many["recall"]
     out["absorption_m2o"] = many["absorption"]
     out["absorption_normalised_m2o"] = many["normalised"]
+    learned_m2o = many["recall"] >= learned_recall
+    out["parent_learned_m2o"] = learned_m2o.astype(float)
+    out["absorption_normalised_m2o_learned"] = np.where(learned_m2o, many["normalised"], np.nan)
     out["parent_latents_m2o"] = np.array([len(parent_sets[c]) for c in pcol], dtype=float)
     out["n_child_active"] = n_child.astype(np.int64)
     return out

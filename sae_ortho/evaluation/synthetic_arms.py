@@ -81,6 +81,8 @@ PER_PAIR = (
     "parent_recall_m2o",
     "absorption_m2o",
     "absorption_normalised_m2o",
+    "parent_learned_m2o",
+    "absorption_normalised_m2o_learned",
     "parent_latents_m2o",
     "partial",
     "partial_control",
