@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sae_ortho.base.params import ParamError, Params, TrainParams
-from sae_ortho.base.study_params import Arm, Selection, StudyParams
+from sae_ortho.base.study_params import Arm, Measures, Selection, StudyParams
 from sae_ortho.study.arms import arm_spec, run_config_for, select_arm
 from sae_ortho.study.report import comparisons
 
@@ -26,6 +26,7 @@ HEADLINE = {
 
 
 def study(**kw) -> StudyParams:
+    kw.setdefault("measures", Measures(holm_family=("best", "control")))
     s = StudyParams(sweep=SWEEP, ablation={}, headline=HEADLINE, headline_arms=("baseline", "best", "control"),
                     synthetic_extra=("control",), scaling_arms=("baseline",), **kw)  # fmt: skip
     s.validate()
@@ -153,3 +154,15 @@ def test_efficiency_is_undefined_when_the_cost_is_seed_noise():
     eff = efficiency(table)
     assert eff["noise_cost"] is None
     assert eff["real_cost"] == pytest.approx(0.49 / (0.0141 / 0.1337))
+
+
+def test_measures_are_validated_against_the_arms_and_the_evaluation():
+    from sae_ortho.base.schema import ParamError as SchemaError
+    from sae_ortho.base.study_params import PAIR_MEASURES
+    from sae_ortho.evaluation.synthetic_arms import PER_PAIR
+
+    assert set(PAIR_MEASURES) <= set(PER_PAIR)  # every nameable measure is one the evaluation writes
+    with pytest.raises(SchemaError, match="holm_family"):
+        study(measures=Measures(holm_family=("best", "nosuch")))
+    with pytest.raises(SchemaError, match="measures.primary"):
+        study(measures=Measures(primary="mcc", holm_family=("best",)))

@@ -64,6 +64,59 @@ class Selection:
         check(self.max_ce_drop >= 0, f"{where}.max_ce_drop", "must be >= 0")
 
 
+# The per-pair figures of the synthetic benchmark (evaluation/synthetic.py) and its per-SAE summaries
+# that a measure may name; tests/test_study.py checks this list against what the evaluation writes.
+PAIR_MEASURES = (
+    "absorption",
+    "absorption_normalised",
+    "absorption_normalised_learned",
+    "absorption_normalised_m2o",
+    "absorption_normalised_m2o_learned",
+    "absorption_m2o",
+    "parent_recall",
+    "parent_recall_m2o",
+    "parent_learned",
+    "parent_learned_m2o",
+    "child_parent_cos",
+)
+SUMMARY_MEASURES = ("mcc", "explained_variance")
+
+
+@dataclass(frozen=True)
+class Measures:
+    """What the study's conclusion rests on, declared before the runs that decide it (README "Measures").
+
+    An arm reduces absorption when, against the baseline on the same seeds, the primary measure falls by
+    at least `smallest_effect` (relative), the paired test is rejected by Holm over `holm_family` at the
+    study's `alpha`, and the guard (the share of parents learned) falls by no more than `guard_max_drop`:
+    a remedy that wins by forgetting parents does not count."""
+
+    primary: str = "absorption_normalised_m2o_learned"  # per (parent, child) pair, synthetic benchmark
+    guard: str = "parent_learned_m2o"  # reported beside the primary in every table
+    guard_max_drop: float = 0.05  # absolute drop of the guard against the baseline that voids a reduction
+    secondary: tuple[str, ...] = ("absorption", "absorption_normalised", "parent_recall_m2o", "child_parent_cos")
+    cost: tuple[str, ...] = ("mcc", "explained_variance")  # on the same benchmark
+    smallest_effect: float = 0.10  # relative reduction of the primary against the baseline
+    test: Literal["paired_t"] = "paired_t"  # over seeds, plus a bootstrap CI of the mean paired difference
+    holm_family: tuple[str, ...] = ("best", "control", "ortsae", "matryoshka")  # each vs baseline, primary
+    power: float = 0.8  # target power at the smallest effect, Holm-corrected level
+    min_seeds: int = 8  # synthetic training seeds per arm at least, whatever the power calculation says
+
+    def validate(self, headline: dict, where: str = "measures") -> None:
+        pair_or_summary = (*PAIR_MEASURES, *SUMMARY_MEASURES)
+        check(self.primary in PAIR_MEASURES, f"{where}.primary", f"must be one of {', '.join(PAIR_MEASURES)}")
+        check(self.guard in PAIR_MEASURES, f"{where}.guard", f"must be one of {', '.join(PAIR_MEASURES)}")
+        for name in (*self.secondary, *self.cost):
+            check(name in pair_or_summary, f"{where}.secondary", f"unknown measure {name!r}")
+        check(0 <= self.guard_max_drop <= 1, f"{where}.guard_max_drop", "must be in [0, 1]")
+        check(0 < self.smallest_effect < 1, f"{where}.smallest_effect", "must be in (0, 1)")
+        check(len(self.holm_family) >= 1, f"{where}.holm_family", "needs at least one arm")
+        for arm in self.holm_family:
+            check(arm in headline and arm != "baseline", f"{where}.holm_family", f"{arm!r} is not a headline arm")
+        check(0.5 <= self.power < 1, f"{where}.power", "must be in [0.5, 1)")
+        check(self.min_seeds >= 2, f"{where}.min_seeds", "must be >= 2 (a paired test needs two)")
+
+
 @dataclass(frozen=True)
 class StudyParams:
     """study/params.yaml. The arms (`sweep`, `ablation`, `headline`) have no default: they are the study."""
@@ -81,6 +134,7 @@ class StudyParams:
     heldout_contexts: int = 16  # core metrics (FVU, CE) on the first held-out contexts (the default's 65 cost ~65 s)
     alpha: float = 0.05  # family-wise error of the Holm-corrected headline comparisons
     selection: Selection = field(default_factory=Selection)  # declared before any headline run
+    measures: Measures = field(default_factory=Measures)  # declared before any run they decide
 
     def validate(self) -> None:
         check(self.sweep_tokens >= 1, "sweep_tokens", "must be >= 1")
@@ -102,6 +156,7 @@ class StudyParams:
             check(name in self.headline, "headline_arms", f"{name!r} has no entry in `headline`")
         check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
         self.selection.validate()
+        self.measures.validate(self.headline)
 
 
 def load_study(path: Path | str = STUDY_PARAMS) -> StudyParams:
