@@ -37,9 +37,16 @@ def lm(fvu: float, ce: float) -> dict:
     return {"core": {"fvu": fvu, "ce_recovered_vs_zero": ce}}
 
 
+def _synthetic(primary: dict, guard: dict | None = None, raw: dict | None = None) -> dict:
+    guard = guard or {}
+    raw = raw or primary
+    return {
+        k: {"primary_mean": v, "guard_mean": guard.get(k, 0.9), "absorption_mean": raw[k]} for k, v in primary.items()
+    }
+
+
 def test_selection_takes_lowest_absorption_within_the_cost_bounds():
-    synthetic = {"baseline": 0.5, "fixed_1": 0.45, "fixed_10": 0.30, "adaptive": 0.40}
-    synthetic = {k: {"absorption_mean": v} for k, v in synthetic.items()}
+    synthetic = _synthetic({"baseline": 0.5, "fixed_1": 0.45, "fixed_10": 0.30, "adaptive": 0.40})
     costs = {
         "baseline": lm(0.10, 0.98),
         "fixed_1": lm(0.101, 0.979),
@@ -166,3 +173,17 @@ def test_measures_are_validated_against_the_arms_and_the_evaluation():
         study(measures=Measures(holm_family=("best", "nosuch")))
     with pytest.raises(SchemaError, match="measures.primary"):
         study(measures=Measures(primary="mcc", holm_family=("best",)))
+
+
+def test_selection_ranks_by_the_declared_primary_and_refuses_arms_that_forget_parents():
+    """An arm whose raw absorption is lowest because it forgets parents (guard drop 0.2 > 0.05) is not
+    admissible; among the rest the lowest primary measure wins, not the lowest raw rate."""
+    costs = {name: lm(0.10, 0.98) for name in SWEEP}
+    synthetic = _synthetic(
+        primary={"baseline": 0.5, "fixed_1": 0.30, "fixed_10": 0.20, "adaptive": 0.35},
+        guard={"baseline": 0.9, "fixed_1": 0.88, "fixed_10": 0.70, "adaptive": 0.9},
+        raw={"baseline": 0.6, "fixed_1": 0.5, "fixed_10": 0.1, "adaptive": 0.4},
+    )
+    chosen = select_arm(study(), synthetic, costs)
+    assert not chosen["candidates"]["fixed_10"]["admissible"]  # forgot parents
+    assert chosen["selected"] == "fixed_1"  # lowest primary among the admissible, though adaptive's raw rate is lower

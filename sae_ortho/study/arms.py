@@ -77,10 +77,13 @@ def select_arm(study: StudyParams, synthetic: dict[str, dict], lm: dict[str, dic
     """Apply the declared rule to the sweep's metrics (per arm: the compact synthetic and LM files).
     Candidates are the co-activation arms (penalty topk, a term that can act); admissible ones keep
     the cheap LM SAE's FVU within `max_fvu_increase` (relative) and its CE loss recovered within
-    `max_ce_drop` of the cheap baseline's; the lowest mean synthetic absorption wins (ties: sweep
-    order). With no admissible arm, the cheapest candidate is taken and the record says so."""
+    `max_ce_drop` of the cheap baseline's, and the share of parents learned (the declared guard) within
+    `measures.guard_max_drop` of the baseline's; the lowest declared primary measure (pooled over
+    hierarchies) wins (ties: sweep order). With no admissible arm, the cheapest candidate is taken and
+    the record says so."""
     base = lm["baseline"]["core"]
-    rule = study.selection
+    rule, measures = study.selection, study.measures
+    base_guard = synthetic["baseline"]["guard_mean"]
     table = {}
     for name, arm in study.sweep.items():
         if arm.penalty != "topk" or (arm.tau == 0 and (arm.schedule or "fixed") == "fixed"):
@@ -88,17 +91,22 @@ def select_arm(study: StudyParams, synthetic: dict[str, dict], lm: dict[str, dic
         core = lm[name]["core"]
         fvu_up = relative_increase(core["fvu"], base["fvu"])
         ce_drop = base["ce_recovered_vs_zero"] - core["ce_recovered_vs_zero"]
+        guard_drop = base_guard - synthetic[name]["guard_mean"]
         table[name] = {
+            "synthetic_primary": synthetic[name]["primary_mean"],
             "synthetic_absorption": synthetic[name]["absorption_mean"],
+            "guard_drop": round(guard_drop, 5),
             "fvu_increase": round(fvu_up, 5),
             "ce_recovered_drop": round(ce_drop, 5),
-            "admissible": fvu_up <= rule.max_fvu_increase and ce_drop <= rule.max_ce_drop,
+            "admissible": fvu_up <= rule.max_fvu_increase
+            and ce_drop <= rule.max_ce_drop
+            and guard_drop <= measures.guard_max_drop,
         }
     if not table:
         raise ParamError("sweep: no co-activation arm (penalty topk with a term that acts) to select from")
     admissible = [n for n, row in table.items() if row["admissible"]]
     if admissible:
-        chosen = min(admissible, key=lambda n: table[n]["synthetic_absorption"])
+        chosen = min(admissible, key=lambda n: table[n]["synthetic_primary"])
     else:
         chosen = min(table, key=lambda n: table[n]["fvu_increase"])
     return {
@@ -106,9 +114,11 @@ def select_arm(study: StudyParams, synthetic: dict[str, dict], lm: dict[str, dic
         "settings": asdict(study.sweep[chosen]),
         "any_admissible": bool(admissible),
         "rule": (
-            "lowest mean synthetic absorption among co-activation sweep arms with cheap-LM FVU increase <= "
-            f"{rule.max_fvu_increase:g} (relative) and CE-recovered drop <= {rule.max_ce_drop:g} vs the cheap baseline"
+            f"lowest {measures.primary} (pooled over hierarchies) among co-activation sweep arms with cheap-LM "
+            f"FVU increase <= {rule.max_fvu_increase:g} (relative), CE-recovered drop <= {rule.max_ce_drop:g} and "
+            f"{measures.guard} drop <= {measures.guard_max_drop:g} vs the baseline"
         ),
         "baseline_synthetic_absorption": synthetic["baseline"]["absorption_mean"],
+        "baseline_synthetic_primary": synthetic["baseline"]["primary_mean"],
         "candidates": table,
     }

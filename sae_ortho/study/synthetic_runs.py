@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import ParamError, Params
-from sae_ortho.base.study_params import StudyParams
+from sae_ortho.base.study_params import Measures, StudyParams
 from sae_ortho.evaluation.synthetic_arms import run_arm
 from sae_ortho.study.arms import arm_spec, run_config_for
 
@@ -39,12 +39,16 @@ def check_seeds(group: str, seeds: tuple[int, ...] | None, p: Params) -> None:
         )
 
 
-def compact(full: dict) -> dict:
-    """The headline figures per hierarchy: absorption (with its pair-bootstrap interval), absorption
-    beyond the matched control, MCC, explained variance, training FVU."""
+def compact(full: dict, measures: Measures) -> dict:
+    """The headline figures per hierarchy: the declared primary measure and its guard (study/params.yaml
+    `measures`), raw absorption (with its pair-bootstrap interval), absorption beyond the matched
+    control, MCC, explained variance, training FVU; and the primary and guard pooled over hierarchies."""
     out: dict = {"seconds": full["seconds"]}
     for name, h in full["hierarchies"].items():
         out[name] = {
+            "primary": h[measures.primary]["mean"],
+            "primary_ci95": h[measures.primary]["ci95"],
+            "guard": h[measures.guard]["mean"],
             "absorption": h["absorption"]["mean"],
             "absorption_ci95": h["absorption"]["ci95"],
             "absorption_per_seed": h["absorption"]["per_seed"],
@@ -55,6 +59,9 @@ def compact(full: dict) -> dict:
         }
     names = list(full["hierarchies"])
     out["absorption_mean"] = sum(out[n]["absorption"] for n in names) / len(names)
+    out["primary_mean"] = sum(out[n]["primary"] for n in names) / len(names)
+    out["guard_mean"] = sum(out[n]["guard"] for n in names) / len(names)
+    out["measures"] = {"primary": measures.primary, "guard": measures.guard}
     return out
 
 
@@ -73,6 +80,11 @@ def run_study_synthetic(
     full = run_arm(p, arm, out_dir, ckpt, workers=min(2, os.cpu_count() or 1), cfg=cfg)
     atomic_write_text(out_dir / "result.json", json.dumps(full, indent=1) + "\n")
     settings = {k: v for k, v in spec.__dict__.items() if v is not None}
-    metrics = {"arm": arm, "settings": settings, **({"seeds": list(seeds)} if seeds else {}), **compact(full)}
+    metrics = {
+        "arm": arm,
+        "settings": settings,
+        **({"seeds": list(seeds)} if seeds else {}),
+        **compact(full, study.measures),
+    }
     atomic_write_text(METRICS / group / f"{arm}.json", json.dumps(metrics, indent=2, default=list) + "\n")
     return metrics
