@@ -41,6 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.extract
 	$(PY) -m bench.train
+	$(PY) -m bench.synthetic_run
 
 # ruff; import-linter's contracts (pyproject.toml: imports only point down the pipeline's layers, stages
 # independent); pylint's similarity checker (-d 10: no identical run of more than 10 lines, imports, docstrings,
