@@ -35,7 +35,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from sae_ortho.base.params import SyntheticHierarchy, SyntheticParams
+from sae_ortho.evaluation.synthetic_draws import ReplayedActivations, eval_draw, from_csr, load_or_draw
 from sae_ortho.training.sae import SAE
+
+EVAL_BATCH = 8192  # the evaluation draw's chunk: SAELens's evaluation and the absorption figures share it
 
 if TYPE_CHECKING:  # sae_lens takes seconds to import: stages fail on bad params before that
     from sae_lens.synthetic import SyntheticModel
@@ -101,21 +104,28 @@ def parent_child_pairs(model: SyntheticModel) -> np.ndarray:
     return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
 
 
+def model_fingerprint(model: SyntheticModel) -> str:
+    """sha256 of the synthetic model's config: what its samples are a function of (with the seed)."""
+    return hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class SyntheticSource:
     """SAELens's synthetic model as a trainer BatchSource (sae_ortho.training.batches): endless batches drawn
-    under an RNG stream seeded by the training seed; no shards."""
+    under an RNG stream seeded by the training seed; no shards. The first `cached_batches` batches of
+    each seed's stream are replayed from the per-machine cache (synthetic_draws.py), bit-identical to
+    drawing them; later batches are drawn live from where the stored ones stop."""
 
     model: SyntheticModel
     norm_mean: float
     fingerprint: str
+    cached_batches: int = 0
 
     @classmethod
-    def create(cls, model: SyntheticModel, norm_seed: int = 999_983) -> SyntheticSource:
+    def create(cls, model: SyntheticModel, norm_seed: int = 999_983, cached_batches: int = 0) -> SyntheticSource:
         with IsolatedRng(norm_seed).active():
             norm_mean = float(model.sample(65_536).norm(dim=1).mean())
-        cfg = json.dumps(model.cfg.to_dict(), sort_keys=True)
-        return cls(model, norm_mean, hashlib.sha256(cfg.encode()).hexdigest())
+        return cls(model, norm_mean, model_fingerprint(model), cached_batches)
 
     @property
     def d_in(self) -> int:
@@ -123,6 +133,13 @@ class SyntheticSource:
 
     def stream(self, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
         rng = IsolatedRng(seed)
+        if self.cached_batches:
+            csr = load_or_draw(self.model, self.fingerprint, rng, batch_size, self.cached_batches, seed)
+            for b in range(self.cached_batches):
+                acts = from_csr(csr, b * batch_size, (b + 1) * batch_size, self.model.cfg.num_features)
+                with torch.no_grad():  # not around the yield: the caller would train under no_grad
+                    x = self.model.feature_dict(acts)
+                yield x
         while True:
             with rng.active():
                 x = self.model.sample(batch_size)
@@ -195,12 +212,10 @@ def absorption_per_pair(
     children_of = [np.flatnonzero(pcol == n) for n in range(len(parents))]
     sets = parent_latent_sets(sae.W_dec, model.feature_dict.feature_vectors, matched, many_to_one_cos)
     parent_sets = [sets[int(p)] for p in parents]
-    rng = IsolatedRng(seed)
+    x_all, a_all = eval_draw(model, model_fingerprint(model), IsolatedRng, seed, n_samples, EVAL_BATCH)
     z_par, any_par, par_on, child_on = [], [], [], []
-    batch = 8192
-    for start in range(0, n_samples, batch):
-        with rng.active():
-            x, a = model.sample_with_features(min(batch, n_samples - start))
+    for start in range(0, n_samples, EVAL_BATCH):
+        x, a = x_all[start : start + EVAL_BATCH], a_all[start : start + EVAL_BATCH]
         z = sae.encode(x)
         z_par.append(z[:, matched[parents]])
         any_par.append(torch.stack([(z[:, s] > 0).any(1) for s in parent_sets], 1))
@@ -288,10 +303,10 @@ def evaluate(sae: SAE | Any, model: SyntheticModel, pairs: np.ndarray, s: Synthe
         sae.W_dec, model, pairs, matched
     )
     lens_sae = sae.to_saelens() if isinstance(sae, SAE) else sae
-    with IsolatedRng(s.eval_seed).active():
-        lens = eval_sae_on_synthetic_data(
-            lens_sae, model.feature_dict, model.activation_generator, s.eval_samples, batch_size=8192
-        )
+    _, acts = eval_draw(model, model_fingerprint(model), IsolatedRng, s.eval_seed, s.eval_samples, EVAL_BATCH)
+    lens = eval_sae_on_synthetic_data(
+        lens_sae, model.feature_dict, ReplayedActivations(acts), s.eval_samples, batch_size=EVAL_BATCH
+    )
     summary = {
         "l0": lens.sae_l0,
         "true_l0": lens.true_l0,

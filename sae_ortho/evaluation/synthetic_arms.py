@@ -230,7 +230,8 @@ def _one_run(
     """Train one SAE, evaluate it, write its matching.json; (training metrics, evaluation, pairs)."""
     if (s, h) not in _MODELS:
         model = build_model(s, h)
-        _MODELS[(s, h)] = (model, SyntheticSource.create(model), parent_child_pairs(model))
+        source = SyntheticSource.create(model, cached_batches=s.train.steps)  # every arm replays one draw
+        _MODELS[(s, h)] = (model, source, parent_child_pairs(model))
     model, source, pairs = _MODELS[(s, h)]
     metrics = train(cfg, source, run_dir, ckpt_dir, progress_bar=False)
     ev = evaluate(SAE.load(run_dir), model, pairs, s)
