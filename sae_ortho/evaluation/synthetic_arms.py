@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -120,6 +120,17 @@ def aggregate(h: SyntheticHierarchy, pairs: np.ndarray, runs: list[tuple[dict, d
         if key in runs[0][0]:
             vals = [m[key] for m, _ in runs]
             out[f"train_{key}"] = {"mean": float(np.mean(vals)), "per_seed": vals}
+    # Absorption against samples seen, and the figures on a second evaluation draw, of the runs that have them
+    # (per run: a dict of figures; seed order kept, runs without them left out).
+    curves = [m["curve"] for m, _ in runs if "curve" in m]
+    if curves:
+        out["curve"] = {n: {k: [c[n][k] for c in curves] for k in curves[0][n]} for n in curves[0]}
+    reseeds = [(m["reseed"], ev) for m, ev in runs if "reseed" in m]
+    if reseeds:
+        out["reseed"] = {
+            k: {"redrawn": [r[k] for r, _ in reseeds], "first": [_means(ev)[k] for _, ev in reseeds]}
+            for k in reseeds[0][0]
+        }
     return out
 
 
@@ -149,6 +160,51 @@ def settings(s: SyntheticParams, cfg: RunConfig) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class SyntheticJob:
+    """One synthetic run: train `cfg` on hierarchy `h` of the model `s` describes, evaluate, write `run_dir`.
+    `curve`: also evaluate the training snapshots (absorption against samples); `reseed`: also evaluate
+    on a second evaluation draw under this seed (the evaluation's own noise)."""
+
+    s: SyntheticParams
+    cfg: RunConfig
+    h: SyntheticHierarchy
+    run_dir: Path
+    ckpt_dir: Path
+    curve: bool = False
+    reseed: int | None = None
+
+
+def run_jobs(jobs: list[SyntheticJob], workers: int, desc: str, progress_bar: bool = True) -> list[tuple]:
+    """(training metrics, evaluation, pairs) per job, in order, `workers` runs at a time (results do not
+    depend on it: every run is single-threaded with its own RNG streams)."""
+    bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress_bar)
+    if workers <= 1:
+        runs = []
+        with single_thread():
+            for job in jobs:
+                runs.append(_one_run(job))
+                bar.update(1)
+    else:
+        # spawn: a forked child would inherit torch's and numba's thread pools in an unknown state.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_single_thread_worker) as pool:
+            futures = [pool.submit(_one_run, job) for job in jobs]
+            for _ in as_completed(futures):
+                bar.update(1)
+            runs = [f.result() for f in futures]
+    bar.close()
+    return runs
+
+
+def publish(tmp: Path, out_dir: Path, ckpt_root: Path) -> None:
+    """The runs wrote into `tmp`; one rename publishes them together."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+
+
 def run_arm(
     p: Params,
     arm: str,
@@ -158,42 +214,26 @@ def run_arm(
     progress_bar: bool = True,
     cfg: RunConfig | None = None,
 ) -> dict:
-    """Train and evaluate one arm on every hierarchy and seed, `workers` runs at a time (results do
-    not depend on it: every run is single-threaded with its own RNG streams). Writes, atomically as
-    one directory, `out_dir/<hierarchy>/seed_<s>/` (the SAE, the ortho arm's pairs.parquet,
-    matching.json: matched latents and per-pair figures); returns metrics/synthetic/<arm>.json.
-    `cfg` (any seed) is the run of a study arm; by default the LM arm `arm`'s (synthetic_run_config)."""
+    """Train and evaluate one arm on every hierarchy and seed. Writes, atomically as one directory,
+    `out_dir/<hierarchy>/seed_<s>/` (the SAE, the ortho arm's pairs.parquet, matching.json: matched
+    latents and per-pair figures); returns metrics/synthetic/<arm>.json. `cfg` (any seed) is the run
+    of a study arm; by default the LM arm `arm`'s (synthetic_run_config)."""
     s = p.synthetic
     base = replace(cfg, train=s.train) if cfg is not None else synthetic_run_config(p, arm, 0)
     tmp = temp_sibling(out_dir)
-    jobs = [(s, replace(base, seed=seed), h, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}")
-            for h in s.hierarchies for seed in s.seeds]  # fmt: skip
+    jobs = [
+        SyntheticJob(s, replace(base, seed=seed), h, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}")
+        for h in s.hierarchies
+        for seed in s.seeds
+    ]
     result: dict = {"arm": arm, "settings": {**settings(s, base), "workers": workers}, "hierarchies": {}}
     t0 = time.perf_counter()
-    bar = tqdm(total=len(jobs), desc=f"synthetic {arm}", unit="run", disable=not progress_bar)
-    if workers <= 1:
-        runs = []
-        with single_thread():
-            for job in jobs:
-                runs.append(_one_run(*job))
-                bar.update(1)
-    else:
-        # spawn: a forked child would inherit torch's and numba's thread pools in an unknown state.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_single_thread_worker) as pool:
-            futures = [pool.submit(_one_run, *job) for job in jobs]
-            for _ in as_completed(futures):
-                bar.update(1)
-            runs = [f.result() for f in futures]
-    bar.close()
+    runs = run_jobs(jobs, workers, f"synthetic {arm}", progress_bar)
     for h in s.hierarchies:
-        mine = [run for job, run in zip(jobs, runs, strict=True) if job[2] == h]
+        mine = [run for job, run in zip(jobs, runs, strict=True) if job.h == h]
         result["hierarchies"][h.name] = aggregate(h, mine[0][2], [(m, ev) for m, ev, _ in mine], s)
     result["seconds"] = time.perf_counter() - t0
-    shutil.rmtree(out_dir, ignore_errors=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out_dir)  # the runs wrote into tmp; one rename publishes them together
-    shutil.rmtree(ckpt_root, ignore_errors=True)
+    publish(tmp, out_dir, ckpt_root)
     return _clean(result)
 
 
@@ -224,17 +264,18 @@ def _single_thread_worker() -> None:
 _MODELS: dict = {}  # per process: (synthetic params, hierarchy) -> (model, source, pairs)
 
 
-def _one_run(
-    s: SyntheticParams, cfg: RunConfig, h: SyntheticHierarchy, run_dir: Path, ckpt_dir: Path
-) -> tuple[dict, dict, np.ndarray]:
+def _one_run(job: SyntheticJob) -> tuple[dict, dict, np.ndarray]:
     """Train one SAE, evaluate it, write its matching.json; (training metrics, evaluation, pairs)."""
+    s, h, run_dir = job.s, job.h, job.run_dir
     if (s, h) not in _MODELS:
         model = build_model(s, h)
         source = SyntheticSource.create(model, cached_batches=s.train.steps)  # every arm replays one draw
         _MODELS[(s, h)] = (model, source, parent_child_pairs(model))
     model, source, pairs = _MODELS[(s, h)]
-    metrics = train(cfg, source, run_dir, ckpt_dir, progress_bar=False)
-    ev = evaluate(SAE.load(run_dir), model, pairs, s)
+    cfg = replace(job.cfg, train=replace(job.cfg.train, snapshots=CURVE_POINTS)) if job.curve else job.cfg
+    metrics = train(cfg, source, run_dir, job.ckpt_dir, progress_bar=False)
+    sae = SAE.load(run_dir)
+    ev = evaluate(sae, model, pairs, s)
     matching = {
         "feature_latent": ev["matched"],
         "pairs": pairs,
@@ -249,4 +290,38 @@ def _one_run(
         kept = pq.read_table(run_dir / "pairs.parquet").to_pandas()
         late = kept[kept.step >= 0.8 * kept.step.max()]
         metrics["kept_pairs_last20pct"] = kept_pair_kinds(late.i.to_numpy(), late.j.to_numpy(), ev["matched"], pairs)
+    if job.curve:
+        metrics["curve"] = _curve(run_dir, sae, model, pairs, s, ev)
+    if job.reseed is not None:
+        metrics["reseed"] = _means(evaluate(sae, model, pairs, replace(s, eval_seed=job.reseed)))
     return metrics, ev, pairs
+
+
+CURVE_POINTS = 4  # snapshots at 1/4, 1/2, 3/4 and all of training (the last is the final SAE, full precision)
+
+
+def _means(ev: dict) -> dict[str, float]:
+    """Every per-pair figure's mean over pairs, and the summary figures, of one evaluation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN (no learned parent)
+        out = {k: float(np.nanmean(ev["per_pair"][k])) for k in PER_PAIR}
+    return out | {k: float(v) for k, v in ev["summary"].items()}
+
+
+def _curve(run_dir: Path, sae: SAE, model, pairs: np.ndarray, s: SyntheticParams, final: dict) -> dict:
+    """samples seen -> figures, from the run's snapshots (fp16 weights, the stability stage's format)."""
+    from sae_ortho.training.snapshots import SNAPSHOTS, load_snapshots
+
+    snaps = load_snapshots(run_dir / SNAPSHOTS)
+    (run_dir / SNAPSHOTS).unlink()  # 4 copies of a 200-latent SAE per run: the figures are what is kept
+    out = {}
+    for step, weights in snaps.items():
+        if step == max(snaps):
+            out[step * s.train.batch_size] = _means(final)
+            continue
+        snap = SAE(sae.cfg)
+        with torch.no_grad():
+            for name, value in weights.items():
+                getattr(snap, name).copy_(value)
+        out[step * s.train.batch_size] = _means(evaluate(snap, model, pairs, s))
+    return out

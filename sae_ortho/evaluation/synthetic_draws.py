@@ -97,7 +97,7 @@ class ReplayedActivations:
 
 
 _EVAL: OrderedDict = OrderedDict()  # per process: (fingerprint, seed, n, batch) -> (x, acts)
-_EVAL_KEEP = 2  # two hierarchies' draws (~130 MB each at 100k samples)
+_EVAL_KEEP = 4  # two hierarchies, each with a reseeded draw (~130 MB each at 100k samples)
 
 
 def eval_draw(model, fingerprint: str, rng_factory, seed: int, n: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

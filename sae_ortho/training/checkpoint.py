@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # Bumped when a checkpoint's contents change: an older checkpoint then starts the run afresh
 # rather than resuming without the state it lacks (2: the penalty's RNG, weights_only loading).
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: tau at every step
 CHECKPOINT = "ckpt.pt"
 
 
@@ -41,6 +41,7 @@ def trainer_state(trainer: Trainer) -> dict:
         "silent_tokens": trainer.silent_tokens,
         "pair_log": [{k: torch.from_numpy(v) for k, v in rows.items()} for rows in trainer.pair_log],
         "history": trainer.history,
+        "tau_trace": trainer.tau_trace,
         "torch_rng": torch.get_rng_state(),
         "penalty": trainer.penalty.state_dict() if trainer.penalty is not None else {},
     }
@@ -70,6 +71,7 @@ def load_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> bool
     trainer.opt.load_state_dict(state["opt"])
     trainer.step, trainer.tau.tau = state["step"], state["tau"]
     trainer.silent_tokens, trainer.history = state["silent_tokens"], state["history"]
+    trainer.tau_trace = state["tau_trace"]
     trainer.pair_log = [{k: v.numpy() for k, v in rows.items()} for rows in state["pair_log"]]
     torch.set_rng_state(state["torch_rng"])
     if trainer.penalty is not None:

@@ -25,10 +25,12 @@ class RunConfig:
     tau_decay: float = 0.999  # tau_schedule "decay": tau_t = tau * tau_decay**t (the earlier attempt's rule)
     ortsae_chunk: int = 1024  # ortsae: latents per random chunk
     matryoshka_prefixes: tuple[int, ...] = ()  # nested prefix sizes (the last = d_sae); () = plain SAE
+    # tau at every step, replayed instead of the schedule (the study's control replays best's trajectory)
+    tau_replay: tuple[float, ...] = ()
 
     @property
     def uses_ortho(self) -> bool:
-        return self.tau > 0 or self.tau_schedule == "adaptive"
+        return self.tau > 0 or self.tau_schedule == "adaptive" or any(t > 0 for t in self.tau_replay)
 
     def make_penalty(self) -> DecoderPenalty | None:
         if not self.uses_ortho:

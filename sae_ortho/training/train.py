@@ -34,6 +34,7 @@ from sae_ortho.training.snapshots import SNAPSHOTS, collect_snapshots, save_snap
 from sae_ortho.training.trainer import NonFiniteLoss, Trainer
 
 MODELS = Path("models")
+TAU_TRACE = "tau_trace.npy"  # tau at every step of a run with a penalty
 METRICS = Path("metrics/train")
 
 
@@ -140,6 +141,8 @@ def train(
 
     trainer.sae.save(out_dir)
     if cfg.uses_ortho:
+        with atomic_file(out_dir / TAU_TRACE) as tmp, open(tmp, "wb") as fh:  # np.save(path) appends .npy
+            np.save(fh, np.array(trainer.tau_trace, dtype=np.float64))
         pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score", "cos")}
         with atomic_file(out_dir / "pairs.parquet") as tmp:
             pq.write_table(pa.table(pairs), tmp)

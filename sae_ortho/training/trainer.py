@@ -88,6 +88,9 @@ class Trainer:
         self.silent_tokens = torch.zeros(t.d_sae, dtype=torch.long)
         self.pair_log: list[dict[str, np.ndarray]] = []
         self.history: list[dict[str, float]] = []
+        self.tau_trace: list[float] = []  # tau at every step (a control replays it: RunConfig.tau_replay)
+        if cfg.tau_replay and len(cfg.tau_replay) < t.steps:
+            raise ValueError(f"tau_replay holds {len(cfg.tau_replay)} steps, the run takes {t.steps}")
         self._pre_buffer = torch.empty(0)
 
     def encode_decode(self, xs: torch.Tensor, sparse: bool | None = None) -> tuple[ActiveCodes, torch.Tensor, dict]:
@@ -164,7 +167,8 @@ class Trainer:
             aux = self.aux_k_loss(ctx, err.detach(), dead)
             loss = loss + t.aux_coeff * aux
             parts["auxk"] = aux.item()
-        tau = self.tau.tau
+        tau = self.cfg.tau_replay[self.step] if self.cfg.tau_replay else self.tau.tau
+        self.tau_trace.append(tau)
         penalty = self.penalty
         if penalty is not None:
             t0 = time.perf_counter()
