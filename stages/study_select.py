@@ -29,9 +29,10 @@ def main() -> None:
     except ParamError as err:
         sys.exit(f"error: {err}")
     atomic_write_text(SELECTION, json.dumps(selection, indent=2) + "\n")
-    chosen = {k: selection[k] for k in ("selected", "settings")}
+    remedies = selection["remedies"]
+    chosen = {r: {k: v[k] for k in ("selected", "settings")} for r, v in remedies.items()}
     atomic_write_text(SELECTED_ARM, json.dumps(chosen, indent=2) + "\n")
-    print(json.dumps({k: selection[k] for k in ("selected", "any_admissible")}))
+    print(json.dumps({r: {k: v[k] for k in ("selected", "any_admissible")} for r, v in remedies.items()}))
 
 
 if __name__ == "__main__":

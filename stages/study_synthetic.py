@@ -1,9 +1,8 @@
-"""Stage `synthetic_<group>@<arm>` (study/dvc.yaml): ground-truth absorption of one study arm on
-SAELens's synthetic hierarchies (library: sae_ortho/study/synthetic_runs.py).
+"""Stage `synthetic_<group>@<arm>` (study/dvc.yaml): ground-truth absorption of one study arm on the synthetic
+benchmark grid (study/params.yaml `synthetic_grid`; library: sae_ortho/study/synthetic_runs.py).
 
-`--group sweep|ablation` runs on ../params.yaml `synthetic.seeds`; `--group headline --seeds 3 4 5`
-on fresh seeds, disjoint from those (the sweep chose `best` on them). Writes
-models/study/synthetic/<group>/<arm>/ and metrics/study/synthetic/<group>/<arm>.json.
+`--group sweep|ablation` runs on the grid's selection seeds, `--group headline` on its fresh seeds.
+Writes models/study/synthetic/<group>/<arm>/ and metrics/study/synthetic/<group>/<arm>.json.
 """
 
 from __future__ import annotations
@@ -21,15 +20,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--group", choices=GROUPS, required=True)
     parser.add_argument("--arm", required=True)
-    parser.add_argument("--seeds", type=int, nargs="+", help="headline only: fresh synthetic training seeds")
     args = parser.parse_args()
     p = params_mod.load_or_exit()
     study = load_study_or_exit()
     try:
-        metrics = run_study_synthetic(p, study, args.group, args.arm, tuple(args.seeds) if args.seeds else None)
+        metrics = run_study_synthetic(p, study, args.group, args.arm)
     except (params_mod.ParamError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    print(json.dumps({k: v for k, v in metrics.items() if k != "settings"}))
+    print(json.dumps({k: metrics[k] for k in ("arm", "primary_mean", "guard_mean", "seconds")}))
 
 
 if __name__ == "__main__":

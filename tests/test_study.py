@@ -17,16 +17,20 @@ SWEEP = {
     "fixed_1": Arm(tau=1.0),
     "fixed_10": Arm(tau=10.0),
     "adaptive": Arm(schedule="adaptive", tau=0.1, target=0.05),
+    "ortsae_1": Arm(penalty="ortsae", tau=0.1, chunk=8),
+    "ortsae_2": Arm(penalty="ortsae", tau=1.0, chunk=8),
+    "matryoshka_a": Arm(penalty="none", matryoshka=(0.5, 1.0)),
 }
 HEADLINE = {
     "baseline": Arm(penalty="none"),
-    "best": Arm(from_selection=True),
-    "control": Arm(from_selection=True, penalty="random"),
+    "best": Arm(from_selection="topk"),
+    "control": Arm(from_selection="topk", penalty="random", tau_from="best"),
+    "ortsae": Arm(from_selection="ortsae"),
 }
 
 
 def study(**kw) -> StudyParams:
-    kw.setdefault("measures", Measures(holm_family=("best", "control")))
+    kw.setdefault("measures", Measures(holm_family=("best", "control", "ortsae")))
     s = StudyParams(sweep=SWEEP, ablation={}, headline=HEADLINE, headline_arms=("baseline", "best", "control"),
                     synthetic_extra=("control",), scaling_arms=("baseline",), **kw)  # fmt: skip
     s.validate()
@@ -45,26 +49,42 @@ def _synthetic(primary: dict, guard: dict | None = None, raw: dict | None = None
     }
 
 
-def test_selection_takes_lowest_absorption_within_the_cost_bounds():
-    synthetic = _synthetic({"baseline": 0.5, "fixed_1": 0.45, "fixed_10": 0.30, "adaptive": 0.40})
+OTHERS = {"ortsae_1": 0.45, "ortsae_2": 0.40, "matryoshka_a": 0.2}
+
+
+def test_selection_takes_lowest_absorption_within_the_cost_bounds_per_remedy():
+    synthetic = _synthetic({"baseline": 0.5, "fixed_1": 0.45, "fixed_10": 0.30, "adaptive": 0.40, **OTHERS})
     costs = {
         "baseline": lm(0.10, 0.98),
         "fixed_1": lm(0.101, 0.979),
         "fixed_10": lm(0.125, 0.97),
         "adaptive": lm(0.105, 0.975),
+        "ortsae_1": lm(0.10, 0.98),
+        "ortsae_2": lm(0.10, 0.98),
+        "matryoshka_a": lm(0.10, 0.98),
     }
-    chosen = select_arm(study(), synthetic, costs)
+    remedies = select_arm(study(), synthetic, costs)["remedies"]
+    topk = remedies["topk"]
     # fixed_10 absorbs least but costs 25% FVU (bound 10%): the adaptive arm wins.
-    assert chosen["selected"] == "adaptive" and chosen["any_admissible"]
-    assert not chosen["candidates"]["fixed_10"]["admissible"] and "baseline" not in chosen["candidates"]
+    assert topk["selected"] == "adaptive" and topk["any_admissible"]
+    assert not topk["candidates"]["fixed_10"]["admissible"] and set(topk["candidates"]) == {
+        "fixed_1",
+        "fixed_10",
+        "adaptive",
+    }
+    assert remedies["ortsae"]["selected"] == "ortsae_2" and set(remedies["ortsae"]["candidates"]) == {
+        "ortsae_1",
+        "ortsae_2",
+    }
+    assert remedies["matryoshka"]["selected"] == "matryoshka_a"
     strict = study(selection=Selection(max_fvu_increase=0.001, max_ce_drop=0.0))
-    none_ok = select_arm(strict, synthetic, costs)
+    none_ok = select_arm(strict, synthetic, costs)["remedies"]["topk"]
     assert not none_ok["any_admissible"] and none_ok["selected"] == "fixed_1"  # the cheapest candidate
 
 
 def test_arms_from_the_selection_override_only_what_they_set(tmp_path):
     path = tmp_path / "selection.json"
-    path.write_text(json.dumps({"selected": "adaptive", "settings": asdict(SWEEP["adaptive"])}))
+    path.write_text(json.dumps({"topk": {"selected": "adaptive", "settings": asdict(SWEEP["adaptive"])}}))
     s = study()
     control = arm_spec(s, "headline", "control", path)
     assert (control.penalty, control.schedule, control.tau, control.target) == ("random", "adaptive", 0.1, 0.05)
@@ -76,6 +96,8 @@ def test_arms_from_the_selection_override_only_what_they_set(tmp_path):
         arm_spec(s, "headline", "best", tmp_path / "missing.json")
     with pytest.raises(ParamError):
         arm_spec(s, "headline", "nope", path)
+    with pytest.raises(ParamError, match="chose no ortsae arm"):
+        arm_spec(s, "headline", "ortsae", path)
 
 
 def test_matryoshka_fractions_become_prefix_sizes():
@@ -121,26 +143,31 @@ def test_first_letter_difference_needs_meaningful_figures_and_to_beat_reseed_noi
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("grid", "message"),
     [
-        (["--group", "headline", "--arm", "best", "--seeds", "0", "7"], "overlap the selection's synthetic.seeds"),
-        (["--group", "headline", "--arm", "best"], "the headline needs fresh synthetic training seeds"),
-        (["--group", "sweep", "--arm", "baseline", "--seeds", "7"], "only the headline runs on fresh seeds"),
+        ({"seeds": [0, 11], "selection_seeds": [0, 1]}, "must not overlap selection_seeds"),
+        ({"instances": [100, 11]}, "must differ from the training seeds"),
+        ({"seeds": [10, 11]}, "needs at least measures.min_seeds"),
+        ({"regimes": {"tiny": {"d_sae": 8, "k": 9}}}, "synthetic_grid.regimes.tiny.k"),
     ],
 )
-def test_synthetic_stage_seed_rules(tmp_path, args, message):
-    """The headline's synthetic comparison refuses the seeds `best` was chosen on (and the sweep refuses
-    fresh ones), in one line before any training; run in a scratch directory, never the live tree."""
+def test_synthetic_grid_rules(tmp_path, grid, message):
+    """The headline's seeds are disjoint from those the remedies were chosen on; errors are one line before
+    any training; run in a scratch directory, never the live tree."""
     import shutil
     import subprocess
     import sys
 
+    import yaml
+
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "study").mkdir()
     shutil.copy(root / "params.yaml", tmp_path / "params.yaml")
-    shutil.copy(root / "study/params.yaml", tmp_path / "study/params.yaml")
+    raw = yaml.safe_load((root / "study/params.yaml").read_text())
+    raw["synthetic_grid"].update(grid)
+    (tmp_path / "study/params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "stages.study_synthetic", *args]
+    cmd = [sys.executable, "-m", "stages.study_synthetic", "--group", "headline", "--arm", "best"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stderr, result.stderr
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
@@ -180,10 +207,10 @@ def test_selection_ranks_by_the_declared_primary_and_refuses_arms_that_forget_pa
     admissible; among the rest the lowest primary measure wins, not the lowest raw rate."""
     costs = {name: lm(0.10, 0.98) for name in SWEEP}
     synthetic = _synthetic(
-        primary={"baseline": 0.5, "fixed_1": 0.30, "fixed_10": 0.20, "adaptive": 0.35},
+        primary={"baseline": 0.5, "fixed_1": 0.30, "fixed_10": 0.20, "adaptive": 0.35, **OTHERS},
         guard={"baseline": 0.9, "fixed_1": 0.88, "fixed_10": 0.70, "adaptive": 0.9},
-        raw={"baseline": 0.6, "fixed_1": 0.5, "fixed_10": 0.1, "adaptive": 0.4},
+        raw={"baseline": 0.6, "fixed_1": 0.5, "fixed_10": 0.1, "adaptive": 0.4, **OTHERS},
     )
-    chosen = select_arm(study(), synthetic, costs)
+    chosen = select_arm(study(), synthetic, costs)["remedies"]["topk"]
     assert not chosen["candidates"]["fixed_10"]["admissible"]  # forgot parents
     assert chosen["selected"] == "fixed_1"  # lowest primary among the admissible, though adaptive's raw rate is lower

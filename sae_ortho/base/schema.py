@@ -180,6 +180,8 @@ def _yaml_value(value: Any) -> str:
         value = dataclasses.asdict(value)
     if isinstance(value, tuple):
         value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    if isinstance(value, dict):
+        value = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     return text.removesuffix("\n...").removesuffix(" ...")
 

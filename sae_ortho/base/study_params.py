@@ -27,7 +27,20 @@ class Arm:
     topk_fraction: float | None = None  # None: the study's `topk_fraction`
     chunk: int = 1024  # ortsae: latents per random chunk
     matryoshka: tuple[float, ...] = ()  # nested prefix sizes as fractions of d_sae (the last 1.0)
-    from_selection: bool = False
+    # Start from the sweep arm the `select` stage chose for this remedy ("" = no).
+    from_selection: Literal["", "topk", "ortsae", "matryoshka"] = ""
+    # Replay this headline arm's tau at every step of the same cell and seed (the matched control).
+    tau_from: str = ""  # headline arm whose tau this arm replays step by step
+
+    @property
+    def remedy(self) -> str | None:
+        """Which remedy a sweep arm tunes (each gets the same budget and rule); None for the baseline."""
+        if self.matryoshka:
+            return "matryoshka"
+        if self.penalty == "ortsae":
+            return "ortsae"
+        acts = not (self.tau == 0 and (self.schedule or "fixed") == "fixed")
+        return "topk" if self.penalty == "topk" and acts else None
 
     def validate(self, where: str) -> None:
         check(self.tau is None or self.tau >= 0, f"{where}.tau", "must be >= 0")
@@ -48,6 +61,50 @@ class Arm:
                 f"{where}.matryoshka",
                 f"must be increasing fractions ending at 1.0, got {list(m)}",
             )
+
+
+@dataclass(frozen=True)
+class Regime:
+    """A dictionary regime of the synthetic benchmark: its width and TopK's k."""
+
+    d_sae: int
+    k: int
+
+    def validate(self, where: str) -> None:
+        check(self.d_sae >= 2, f"{where}.d_sae", "must be >= 2")
+        check(1 <= self.k <= self.d_sae, f"{where}.k", "must be in [1, d_sae]")
+
+
+@dataclass(frozen=True)
+class SyntheticGrid:
+    """Where every study arm runs on the synthetic benchmark: several benchmark instances (synthetic
+    model seeds), both hierarchies of ../params.yaml `synthetic`, each dictionary regime, and seeds:
+    the sweep and the ablation on `selection_seeds`, the headline on `seeds` (disjoint: the selection
+    would favour its own seeds). Seed s gives every arm the same SAE init and sample stream."""
+
+    instances: tuple[int, ...] = (100, 101, 102)  # synthetic model_seed of each benchmark instance
+    regimes: dict[str, Regime] = field(  # name -> dictionary width and TopK k
+        default_factory=lambda: {"matched": Regime(200, 7), "wide": Regime(400, 5)}
+    )
+    selection_seeds: tuple[int, ...] = (0, 1)  # SAE seeds of the sweep and the ablation
+    seeds: tuple[int, ...] = (10, 11, 12, 13, 14, 15, 16, 17)  # SAE seeds of the headline (fresh)
+    curve_seeds: int = 2  # headline runs of the first seeds also evaluated at 1/4, 1/2, 3/4 of training
+    reseed: int = 1  # the baseline's headline runs also evaluated on the draw at eval_seed + this
+
+    def validate(self, where: str = "synthetic_grid") -> None:
+        check(len(self.instances) >= 1, f"{where}.instances", "needs at least one synthetic model seed")
+        for name, regime in self.regimes.items():
+            regime.validate(f"{where}.regimes.{name}")
+        check(len(self.regimes) >= 1, f"{where}.regimes", "needs at least one regime")
+        for key in ("instances", "selection_seeds", "seeds"):
+            values = getattr(self, key)
+            check(len(set(values)) == len(values), f"{where}.{key}", "must be distinct")
+        check(len(self.seeds) >= 2, f"{where}.seeds", "needs at least two (a paired test)")
+        check(not set(self.seeds) & set(self.selection_seeds), f"{where}.seeds", "must not overlap selection_seeds")
+        check(not set(self.instances) & {*self.seeds, *self.selection_seeds}, f"{where}.instances",
+              "must differ from the training seeds")  # fmt: skip
+        check(0 <= self.curve_seeds <= len(self.seeds), f"{where}.curve_seeds", "must be in [0, len(seeds)]")
+        check(self.reseed != 0, f"{where}.reseed", "must not be 0 (that is the first draw)")
 
 
 @dataclass(frozen=True)
@@ -129,11 +186,13 @@ class StudyParams:
     scaling_tokens: tuple[int, ...] = (250_000, 500_000)  # absorption against tokens: these + 1M (the headline's)
     headline_seeds: tuple[int, ...] = (0, 1, 2)  # LM SAE seeds of every headline arm (paired: shared init and data)
     headline_arms: tuple[str, ...] = ("baseline", "best", "control", "matryoshka", "ortsae")
-    synthetic_extra: tuple[str, ...] = ("baseline", "best", "control", "matryoshka", "ortsae")  # also on synthetic
+    # headline arms on the synthetic grid by stage `synthetic_headline`; the control has its own stage
+    synthetic_extra: tuple[str, ...] = ("baseline", "best", "matryoshka", "ortsae")
     scaling_arms: tuple[str, ...] = ("baseline", "best")
     heldout_contexts: int = 16  # core metrics (FVU, CE) on the first held-out contexts (the default's 65 cost ~65 s)
     alpha: float = 0.05  # family-wise error of the Holm-corrected headline comparisons
     selection: Selection = field(default_factory=Selection)  # declared before any headline run
+    synthetic_grid: SyntheticGrid = field(default_factory=SyntheticGrid)
     measures: Measures = field(default_factory=Measures)  # declared before any run they decide
 
     def validate(self) -> None:
@@ -152,11 +211,17 @@ class StudyParams:
                     f"{group}.{name}",
                     "a sweep arm cannot use the selection",
                 )
+        for name, arm in self.headline.items():
+            where = f"headline.{name}.tau_from"
+            check(not arm.tau_from or arm.tau_from in self.headline, where, "must name a headline arm")
         for name in (*self.headline_arms, *self.synthetic_extra, *self.scaling_arms):
             check(name in self.headline, "headline_arms", f"{name!r} has no entry in `headline`")
         check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
         self.selection.validate()
+        self.synthetic_grid.validate()
         self.measures.validate(self.headline)
+        check(len(self.synthetic_grid.seeds) >= self.measures.min_seeds, "synthetic_grid.seeds",
+              f"needs at least measures.min_seeds = {self.measures.min_seeds}")  # fmt: skip
 
 
 def load_study(path: Path | str = STUDY_PARAMS) -> StudyParams:

@@ -46,12 +46,12 @@ def synthetic_run_config(p: Params, arm: str, seed: int) -> RunConfig:
     return replace(run_config(p, arm), train=p.synthetic.train, seed=seed)
 
 
-def _clean(value):
+def json_safe(value):
     """JSON-safe: NaN -> None, floats rounded, numpy scalars and arrays to Python."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (float, np.floating)):
         return None if not np.isfinite(value) else round(float(value), 5)
     if isinstance(value, np.integer):
@@ -234,7 +234,7 @@ def run_arm(
         result["hierarchies"][h.name] = aggregate(h, mine[0][2], [(m, ev) for m, ev, _ in mine], s)
     result["seconds"] = time.perf_counter() - t0
     publish(tmp, out_dir, ckpt_root)
-    return _clean(result)
+    return json_safe(result)
 
 
 @contextmanager
@@ -283,7 +283,7 @@ def _one_run(job: SyntheticJob) -> tuple[dict, dict, np.ndarray]:
         "child_latents": ev["matched"][pairs[:, 1]],
         "per_pair": ev["per_pair"],
     }
-    (run_dir / "matching.json").write_text(json.dumps(_clean(matching)) + "\n")
+    (run_dir / "matching.json").write_text(json.dumps(json_safe(matching)) + "\n")
     if (run_dir / "pairs.parquet").exists():  # ortho arms: what the penalty acted on, late in training
         import pyarrow.parquet as pq
 

@@ -3,9 +3,10 @@
 Every arm is an entry of a dict keyed by its name; each entry's values are declared as that stage's
 params in study/dvc.yaml, so editing one arm reruns exactly that arm. Settings an arm does not give
 come from the default pipeline (../params.yaml: `train`, `ortho`, `topk_fraction`, `synthetic`).
-Arms whose `from_selection` is true start from the setting the `select` stage chose by the rule in
-`selection` (declared before any headline run) and override what they give (the control, the
-top-k fraction ablation).
+Arms whose `from_selection` names a remedy (topk, ortsae, matryoshka) start from the sweep arm the
+`select` stage chose for it by the rule in `selection` (declared before any headline run, the same
+rule and the same number of sweep settings for every remedy) and override what they give (the
+control, the top-k fraction ablation).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def arm_spec(study: StudyParams, group: str, name: str, selection_path: Path = S
         return arm
     if not selection_path.exists():
         raise FileNotFoundError(f"{selection_path} missing: run the `select` stage first")
-    settings = json.loads(selection_path.read_text())["settings"]
+    chosen = json.loads(selection_path.read_text())
+    if arm.from_selection not in chosen:
+        raise ParamError(f"{group}.{name}: the selection chose no {arm.from_selection} arm (have {', '.join(chosen)})")
+    settings = chosen[arm.from_selection]["settings"]
     base = Arm(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
     given = {k: v for k, v in arm.__dict__.items() if v is not None and k != "from_selection"}
     defaults = Arm()
@@ -73,52 +77,62 @@ def relative_increase(value: float, reference: float) -> float:
     return (value - reference) / reference if reference else math.inf
 
 
+REMEDIES = ("topk", "ortsae", "matryoshka")
+
+
 def select_arm(study: StudyParams, synthetic: dict[str, dict], lm: dict[str, dict]) -> dict:
-    """Apply the declared rule to the sweep's metrics (per arm: the compact synthetic and LM files).
-    Candidates are the co-activation arms (penalty topk, a term that can act); admissible ones keep
-    the cheap LM SAE's FVU within `max_fvu_increase` (relative) and its CE loss recovered within
-    `max_ce_drop` of the cheap baseline's, and the share of parents learned (the declared guard) within
-    `measures.guard_max_drop` of the baseline's; the lowest declared primary measure (pooled over
-    hierarchies) wins (ties: sweep order). With no admissible arm, the cheapest candidate is taken and
-    the record says so."""
+    """Apply the declared rule to the sweep's metrics (per arm: the compact synthetic and LM files), once per
+    remedy over that remedy's sweep arms (Arm.remedy): admissible arms keep the cheap LM SAE's FVU within
+    `max_fvu_increase` (relative) and its CE loss recovered within `max_ce_drop` of the cheap baseline's,
+    and the share of parents learned (the declared guard, pooled over the grid) within
+    `measures.guard_max_drop` of the baseline's; the lowest declared primary measure (pooled over the
+    grid's instances, hierarchies, regimes and selection seeds) wins (ties: sweep order). With no
+    admissible arm, the candidate with the smallest FVU increase is taken and the record says so."""
     base = lm["baseline"]["core"]
     rule, measures = study.selection, study.measures
     base_guard = synthetic["baseline"]["guard_mean"]
-    table = {}
-    for name, arm in study.sweep.items():
-        if arm.penalty != "topk" or (arm.tau == 0 and (arm.schedule or "fixed") == "fixed"):
-            continue
-        core = lm[name]["core"]
-        fvu_up = relative_increase(core["fvu"], base["fvu"])
-        ce_drop = base["ce_recovered_vs_zero"] - core["ce_recovered_vs_zero"]
-        guard_drop = base_guard - synthetic[name]["guard_mean"]
-        table[name] = {
-            "synthetic_primary": synthetic[name]["primary_mean"],
-            "synthetic_absorption": synthetic[name]["absorption_mean"],
-            "guard_drop": round(guard_drop, 5),
-            "fvu_increase": round(fvu_up, 5),
-            "ce_recovered_drop": round(ce_drop, 5),
-            "admissible": fvu_up <= rule.max_fvu_increase
-            and ce_drop <= rule.max_ce_drop
-            and guard_drop <= measures.guard_max_drop,
-        }
-    if not table:
-        raise ParamError("sweep: no co-activation arm (penalty topk with a term that acts) to select from")
-    admissible = [n for n, row in table.items() if row["admissible"]]
-    if admissible:
-        chosen = min(admissible, key=lambda n: table[n]["synthetic_primary"])
-    else:
-        chosen = min(table, key=lambda n: table[n]["fvu_increase"])
-    return {
-        "selected": chosen,
-        "settings": asdict(study.sweep[chosen]),
-        "any_admissible": bool(admissible),
+    out: dict = {
         "rule": (
-            f"lowest {measures.primary} (pooled over hierarchies) among co-activation sweep arms with cheap-LM "
-            f"FVU increase <= {rule.max_fvu_increase:g} (relative), CE-recovered drop <= {rule.max_ce_drop:g} and "
-            f"{measures.guard} drop <= {measures.guard_max_drop:g} vs the baseline"
+            f"per remedy: lowest {measures.primary} (pooled over the synthetic grid) among its sweep arms with "
+            f"cheap-LM FVU increase <= {rule.max_fvu_increase:g} (relative), CE-recovered drop <= "
+            f"{rule.max_ce_drop:g} and {measures.guard} drop <= {measures.guard_max_drop:g} vs the baseline"
         ),
-        "baseline_synthetic_absorption": synthetic["baseline"]["absorption_mean"],
         "baseline_synthetic_primary": synthetic["baseline"]["primary_mean"],
-        "candidates": table,
+        "baseline_synthetic_absorption": synthetic["baseline"]["absorption_mean"],
+        "remedies": {},
     }
+    for remedy in REMEDIES:
+        table = {}
+        for name, arm in study.sweep.items():
+            if arm.remedy != remedy:
+                continue
+            core = lm[name]["core"]
+            fvu_up = relative_increase(core["fvu"], base["fvu"])
+            ce_drop = base["ce_recovered_vs_zero"] - core["ce_recovered_vs_zero"]
+            guard_drop = base_guard - synthetic[name]["guard_mean"]
+            table[name] = {
+                "synthetic_primary": synthetic[name]["primary_mean"],
+                "synthetic_absorption": synthetic[name]["absorption_mean"],
+                "guard_drop": round(guard_drop, 5),
+                "fvu_increase": round(fvu_up, 5),
+                "ce_recovered_drop": round(ce_drop, 5),
+                "admissible": fvu_up <= rule.max_fvu_increase
+                and ce_drop <= rule.max_ce_drop
+                and guard_drop <= measures.guard_max_drop,
+            }
+        if not table:
+            continue
+        admissible = [n for n, row in table.items() if row["admissible"]]
+        if admissible:
+            chosen = min(admissible, key=lambda n: table[n]["synthetic_primary"])
+        else:
+            chosen = min(table, key=lambda n: table[n]["fvu_increase"])
+        out["remedies"][remedy] = {
+            "selected": chosen,
+            "settings": asdict(study.sweep[chosen]),
+            "any_admissible": bool(admissible),
+            "candidates": table,
+        }
+    if "topk" not in out["remedies"]:
+        raise ParamError("sweep: no co-activation arm (penalty topk with a term that acts) to select from")
+    return out

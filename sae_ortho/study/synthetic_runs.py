@@ -1,90 +1,111 @@
-"""A study arm on SAELens's synthetic hierarchies (stage `synthetic_<group>@<arm>`): every hierarchy and
-training seed of ../params.yaml `synthetic`, or, for the headline, fresh seeds disjoint from those the
-sweep chose `best` on (a comparison on the selection's own seeds would favour the chosen arm).
+"""A study arm on the synthetic benchmark grid (stage `synthetic_<group>@<arm>`): every benchmark instance
+(synthetic model seed), hierarchy and dictionary regime of study/params.yaml `synthetic_grid`, on the
+selection seeds (sweep, ablation) or the headline's fresh seeds (a comparison on the selection's own
+seeds would favour the chosen arms). Seed s gives every arm the same SAE init and the same samples.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
-from sae_ortho.base.io import atomic_write_text
-from sae_ortho.base.params import ParamError, Params
-from sae_ortho.base.study_params import Measures, StudyParams
-from sae_ortho.evaluation.synthetic_arms import run_arm
+import numpy as np
+
+from sae_ortho.base.io import atomic_write_text, temp_sibling
+from sae_ortho.base.params import Params, SyntheticParams
+from sae_ortho.base.study_params import Regime, StudyParams
+from sae_ortho.evaluation.synthetic_arms import SyntheticJob, aggregate, json_safe, publish, run_jobs, settings
 from sae_ortho.study.arms import arm_spec, run_config_for
+from sae_ortho.training.train import TAU_TRACE
 
 MODELS = Path("models/study/synthetic")
 METRICS = Path("metrics/study/synthetic")
 GROUPS = ("sweep", "ablation", "headline")
 
 
-def check_seeds(group: str, seeds: tuple[int, ...] | None, p: Params) -> None:
-    """The headline runs on fresh seeds and only there; raises ParamError otherwise."""
-    s = p.synthetic
-    if group != "headline":
-        if seeds:
-            raise ParamError(f"--seeds: only the headline runs on fresh seeds; {group} uses synthetic.seeds")
-        return
-    if not seeds:
-        raise ParamError("--seeds: the headline needs fresh synthetic training seeds (disjoint from synthetic.seeds)")
-    if len(set(seeds)) != len(seeds):
-        raise ParamError(f"--seeds: must be distinct, got {list(seeds)}")
-    if set(seeds) & {*s.seeds, s.model_seed}:
-        raise ParamError(
-            f"--seeds: {list(seeds)} overlap the selection's synthetic.seeds {list(s.seeds)} "
-            f"or synthetic.model_seed {s.model_seed}"
-        )
+def cell_params(s: SyntheticParams, instance: int, regime: Regime, seeds: tuple[int, ...]) -> SyntheticParams:
+    """../params.yaml `synthetic` at one benchmark instance and dictionary regime."""
+    return replace(s, model_seed=instance, seeds=seeds, train=replace(s.train, d_sae=regime.d_sae, k=regime.k))
 
 
-def compact(full: dict, measures: Measures) -> dict:
-    """The headline figures per hierarchy: the declared primary measure and its guard (study/params.yaml
-    `measures`), raw absorption (with its pair-bootstrap interval), absorption beyond the matched
-    control, MCC, explained variance, training FVU; and the primary and guard pooled over hierarchies."""
-    out: dict = {"seconds": full["seconds"]}
-    for name, h in full["hierarchies"].items():
-        out[name] = {
-            "primary": h[measures.primary]["mean"],
-            "primary_ci95": h[measures.primary]["ci95"],
-            "guard": h[measures.guard]["mean"],
-            "absorption": h["absorption"]["mean"],
-            "absorption_ci95": h["absorption"]["ci95"],
-            "absorption_per_seed": h["absorption"]["per_seed"],
-            "absorption_minus_control": h["absorption_minus_control"]["mean"],
-            "mcc": h["mcc"]["mean"],
-            "explained_variance": h["explained_variance"]["mean"],
-            "train_fvu": h.get("train_fvu", {}).get("mean"),
-        }
-    names = list(full["hierarchies"])
-    out["absorption_mean"] = sum(out[n]["absorption"] for n in names) / len(names)
-    out["primary_mean"] = sum(out[n]["primary"] for n in names) / len(names)
-    out["guard_mean"] = sum(out[n]["guard"] for n in names) / len(names)
-    out["measures"] = {"primary": measures.primary, "guard": measures.guard}
-    return out
+def grid_jobs(
+    p: Params, study: StudyParams, group: str, arm: str, root: Path, ckpt: Path
+) -> list[tuple[str, SyntheticJob]]:
+    """(cell label, job) for every instance x regime x hierarchy x seed of the arm, runs under `root`."""
+    grid, spec = study.synthetic_grid, arm_spec(study, group, arm)
+    seeds = grid.seeds if group == "headline" else grid.selection_seeds
+    jobs = []
+    for instance in grid.instances:
+        for regime_name, regime in grid.regimes.items():
+            s, cell = cell_params(p.synthetic, instance, regime, seeds), f"m{instance}_{regime_name}"
+            for h in s.hierarchies:
+                for n, seed in enumerate(seeds):
+                    where = Path(cell) / h.name / f"seed_{seed}"
+                    cfg = run_config_for(spec, p, s.train, seed, study.topk_fraction)
+                    if spec.tau_from:  # the matched control: the named arm's tau, step by step, same cell and seed
+                        trace = np.load(MODELS / group / spec.tau_from / where / TAU_TRACE)
+                        cfg = replace(cfg, tau_replay=tuple(float(t) for t in trace))
+                    curve = group == "headline" and n < grid.curve_seeds
+                    reseed = s.eval_seed + grid.reseed if group == "headline" and arm == "baseline" else None
+                    jobs.append((cell, SyntheticJob(s, cfg, h, root / where, ckpt / where, curve, reseed)))
+    return jobs
 
 
-def run_study_synthetic(
-    p: Params, study: StudyParams, group: str, arm: str, seeds: tuple[int, ...] | None = None
-) -> dict:
-    """Train and evaluate the arm; write models/study/synthetic/<group>/<arm>/ (SAEs, matchings,
-    result.json) and metrics/study/synthetic/<group>/<arm>.json; return the compact metrics."""
-    check_seeds(group, seeds, p)
+def _per_seed(h: dict, name: str) -> dict:
+    return {"mean": h[name]["mean"], "per_seed": h[name]["per_seed"]}
+
+
+def compact(full: dict, study: StudyParams) -> dict:
+    """Per cell and hierarchy, per-seed values (seed order of the grid) of every declared measure, the
+    synthetic run's final tau, the curve and the reseeded draw for the primary and guard; pooled means."""
+    m = study.measures
+    named = dict.fromkeys([m.primary, m.guard, *m.secondary, *m.cost, "absorption"])
+    out: dict = {"seconds": full["seconds"], "cells": {}}
+    primaries, guards, raw = [], [], []
+    for cell, hierarchies in full["cells"].items():
+        out["cells"][cell] = {}
+        for name, h in hierarchies.items():
+            row = {k: _per_seed(h, k) for k in named}
+            if "train_tau" in h:
+                row["tau"] = _per_seed(h, "train_tau")
+            if "curve" in h:
+                row["curve"] = {n: {k: v[k] for k in (m.primary, m.guard, "absorption")} for n, v in h["curve"].items()}
+            if "reseed" in h:
+                row["reseed"] = {k: h["reseed"][k] for k in (m.primary, m.guard, "absorption")}
+            out["cells"][cell][name] = row
+            primaries.append(h[m.primary]["mean"])
+            guards.append(h[m.guard]["mean"])
+            raw.append(h["absorption"]["mean"])
+    out["primary_mean"] = float(np.nanmean(primaries))
+    out["guard_mean"] = float(np.nanmean(guards))
+    out["absorption_mean"] = float(np.nanmean(raw))
+    out["measures"] = {"primary": m.primary, "guard": m.guard}
+    return json_safe(out)
+
+
+def run_study_synthetic(p: Params, study: StudyParams, group: str, arm: str) -> dict:
+    """Train and evaluate the arm on the grid; write models/study/synthetic/<group>/<arm>/ (per run: SAE,
+    matching, tau trace; result.json) and metrics/study/synthetic/<group>/<arm>.json; return the latter."""
     spec = arm_spec(study, group, arm)
-    if seeds:
-        p = replace(p, synthetic=replace(p.synthetic, seeds=tuple(seeds)))
-    cfg = run_config_for(spec, p, p.synthetic.train, p.synthetic.seeds[0], study.topk_fraction)
     out_dir = MODELS / group / arm
-    ckpt = Path("models/study") / f".ckpt_synthetic_{group}_{arm}"
-    full = run_arm(p, arm, out_dir, ckpt, workers=min(2, os.cpu_count() or 1), cfg=cfg)
-    atomic_write_text(out_dir / "result.json", json.dumps(full, indent=1) + "\n")
-    settings = {k: v for k, v in spec.__dict__.items() if v is not None}
-    metrics = {
-        "arm": arm,
-        "settings": settings,
-        **({"seeds": list(seeds)} if seeds else {}),
-        **compact(full, study.measures),
-    }
+    tmp, ckpt = temp_sibling(out_dir), Path("models/study") / f".ckpt_synthetic_{group}_{arm}"
+    jobs = grid_jobs(p, study, group, arm, tmp, ckpt)
+    t0 = time.perf_counter()
+    runs = run_jobs([j for _, j in jobs], min(2, os.cpu_count() or 1), f"synthetic {group} {arm}")
+    full: dict = {"arm": arm, "settings": settings(jobs[0][1].s, jobs[0][1].cfg), "cells": {}}
+    for cell in dict.fromkeys(c for c, _ in jobs):
+        full["cells"][cell] = {}
+        for h in jobs[0][1].s.hierarchies:
+            mine = [(run, job) for (c, job), run in zip(jobs, runs, strict=True) if c == cell and job.h == h]
+            full["cells"][cell][h.name] = aggregate(h, mine[0][0][2], [(m, ev) for (m, ev, _), _ in mine], mine[0][1].s)
+    full["seconds"] = time.perf_counter() - t0
+    full = json_safe(full)
+    atomic_write_text(tmp / "result.json", json.dumps(full, indent=1) + "\n")
+    publish(tmp, out_dir, ckpt)
+    given = {k: v for k, v in spec.__dict__.items() if v not in (None, "", ())}
+    metrics = {"arm": arm, "group": group, "settings": given, **compact(full, study)}
     atomic_write_text(METRICS / group / f"{arm}.json", json.dumps(metrics, indent=2, default=list) + "\n")
     return metrics
