@@ -11,6 +11,7 @@ from sae_ortho.base.study_params import load_study_or_exit
 from sae_ortho.study.report import StudyResults, comparisons, headline_json, headline_table
 from sae_ortho.study.report_md import render
 from sae_ortho.study.report_plots import PLOTS
+from sae_ortho.study.synthetic_stats import decide
 
 REPORT = Path("metrics/report.md")
 PLOTS_DIR = Path("metrics/study/plots")
@@ -25,7 +26,11 @@ def main() -> None:
     atomic_write_text(REPORT, render(results, list(PLOTS)) + "\n")
     headline = headline_json(results)
     counted = [c["key"] for c in comparisons(headline_table(results), study.alpha) if c["counts"]]
-    atomic_write_text(HEADLINE, json.dumps({**headline, "differences_that_count": counted}, indent=2) + "\n")
+    declared = {}
+    if "baseline" in results.synthetic_headline:
+        declared = {a: row["verdict"] for a, row in decide(study, results.synthetic_headline)["arms"].items()}
+    summary = {**headline, "differences_that_count": counted, "declared_verdicts": declared}
+    atomic_write_text(HEADLINE, json.dumps(summary, indent=2) + "\n")
     print(REPORT.read_text())
 
 

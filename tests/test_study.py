@@ -103,6 +103,12 @@ def test_arms_from_the_selection_override_only_what_they_set(tmp_path):
 def test_matryoshka_fractions_become_prefix_sizes():
     cfg = run_config_for(Arm(penalty="none", matryoshka=(0.25, 0.5, 1.0)), Params(), TrainParams(d_sae=64), 0)
     assert cfg.matryoshka_prefixes == (16, 32, 64) and not cfg.uses_ortho
+    # The paper's Matryoshka by default: BatchTopK codes, summed prefix losses; the TopK variant on request.
+    assert cfg.train.architecture == "batchtopk" and cfg.matryoshka_sum
+    topk = run_config_for(
+        Arm(penalty="none", matryoshka=(0.5, 1.0), matryoshka_variant="topk"), Params(), TrainParams(d_sae=64), 0
+    )
+    assert topk.train.architecture == "topk" and not topk.matryoshka_sum and topk.matryoshka_prefixes == (32, 64)
     with pytest.raises(ParamError, match="matryoshka"):
         Arm(penalty="none", matryoshka=(0.5, 0.25)).validate("headline.m")
     with pytest.raises(ParamError, match="tau"):

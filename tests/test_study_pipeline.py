@@ -32,7 +32,16 @@ TINY_STUDY = {
         "fixed_1e1": {"tau": 10.0},
         "adaptive_3e-2": {"schedule": "adaptive", "tau": 0.1, "target": 0.03},
     },
-    "ablation": {"frac_1e-2": {"from_selection": True, "topk_fraction": 0.01}},
+    "ablation": {"frac_1e-2": {"from_selection": "topk", "topk_fraction": 0.01}},
+    # One instance and regime at the tiny synthetic model's size (tests/pipeline_copy.py), two fresh seeds.
+    "synthetic_grid": {
+        "instances": [100],
+        "regimes": {"matched": {"d_sae": 24, "k": 4}},
+        "selection_seeds": [0],
+        "seeds": [10, 11],
+        "curve_seeds": 1,
+        "reseed": 1,
+    },
 }
 
 
@@ -41,10 +50,11 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
     report and its plots appear, every headline SAE passes the science checks; editing one sweep arm
     marks exactly that arm's stages, the selection and the report as changed."""
     study = yaml.safe_load((repo_copy / "study/params.yaml").read_text()) | TINY_STUDY
+    study["measures"] |= {"min_seeds": 2, "holm_family": ["best", "control"]}
     (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     ran = reproduced(repo_copy, "study/dvc.yaml")
     study_ran = [s for s in ran if s.startswith("study/")]
-    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 2 + 3 + 1 + 1, ran
+    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 2 + 1 + 3 + 1 + 1, ran
     assert {"extract", "llm_cache", "letter_cache"} <= set(ran) and "train" not in ran  # only what it reads
     status = run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy)
     assert json.loads(status.stdout) == {}
@@ -56,19 +66,26 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
     # The cheap sweep SAEs measure the cost only; first-letter absorption is for the full-size ones.
     sweep = json.loads((repo_copy / "metrics/study/sweep/baseline.json").read_text())
     assert 0 < sweep["core"]["fvu"] < 1 and "absorption" not in sweep and "probing" not in sweep, sweep
-    # The headline's synthetic comparison runs on seeds the selection never saw.
-    selection_seeds = set(yaml.safe_load((repo_copy / "params.yaml").read_text())["synthetic"]["seeds"])
-    for arm in study["synthetic_extra"]:
-        syn = json.loads((repo_copy / f"metrics/study/synthetic/headline/{arm}.json").read_text())
-        assert syn["seeds"] == [3, 4, 5] and not selection_seeds & set(syn["seeds"]), syn
-        assert len(syn["t"]["absorption_per_seed"]) == 3, syn
+    # The headline's synthetic comparison: every arm on the grid's two fresh seeds; the control replays
+    # best's tau at every step, so its final tau per seed is best's.
+    syn = {
+        arm: json.loads((repo_copy / f"metrics/study/synthetic/headline/{arm}.json").read_text())["cells"][
+            "m100_matched"
+        ]["t"]
+        for arm in ("baseline", "best", "control")
+    }
+    primary = study["measures"]["primary"]
+    assert all(len(s[primary]["per_seed"]) == 2 for s in syn.values()), syn
+    assert syn["control"]["tau"]["per_seed"] == syn["best"]["tau"]["per_seed"], syn
+    assert len(syn["baseline"]["reseed"][primary]["redrawn"]) == 2 and len(syn["best"]["curve"]) == 4, syn
     best = json.loads((repo_copy / "metrics/study/headline/best_s0.json").read_text())
-    chosen = json.loads((repo_copy / "metrics/study/selected_arm.json").read_text())
+    chosen = json.loads((repo_copy / "metrics/study/selected_arm.json").read_text())["topk"]
     assert best["settings"]["tau"] == chosen["settings"]["tau"] and best["train"]["penalty_overhead"] > 0
     control = json.loads((repo_copy / "metrics/study/headline/control_s0.json").read_text())
     assert control["settings"]["penalty"] == "random" and control["pair_stability"] is not None
     report = (repo_copy / "metrics/report.md").read_text()
-    assert f"Selected: **{chosen['selected']}**" in report and "Which differences" in report
+    assert f"Selected for topk: **{chosen['selected']}**" in report and "Which differences" in report
+    assert "## The declared test" in report
     for png in ("absorption_vs_tau", "absorption_vs_fvu", "probing_vs_k", "jaccard_vs_lag", "topk_ablation"):
         assert (repo_copy / f"metrics/study/plots/{png}.png").stat().st_size > 5000, png
     headline = json.loads((repo_copy / "metrics/study_headline.json").read_text())

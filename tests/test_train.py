@@ -53,13 +53,13 @@ def same_weights(a: SAE, b: SAE) -> bool:
     return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
-@pytest.mark.parametrize("architecture", ["topk", "relu"])
+@pytest.mark.parametrize("architecture", ["topk", "relu", "batchtopk"])
 def test_trained_sae_reconstructs_sparsely(shards, tmp_path, architecture):
     cfg = RunConfig(replace(TINY, architecture=architecture, l1_coeff=1.0), seed=0, tau=0.1)
     metrics, sae = run(cfg, shards, tmp_path)
     assert 0 < metrics["fvu"] < 0.6, metrics
     assert metrics["dead_fraction"] < 0.5
-    if architecture == "topk":
+    if architecture in ("topk", "batchtopk"):  # batchtopk: k per token on average over the batch
         assert metrics["l0"] == pytest.approx(8, abs=0.5)
     else:
         assert 1 < metrics["l0"] < 256 * 0.5
@@ -73,6 +73,9 @@ def test_trained_sae_reconstructs_sparsely(shards, tmp_path, architecture):
     with torch.no_grad():
         fvu = ((x - sae(x)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     assert fvu < 0.6
+    if architecture == "batchtopk":  # inference by the learned threshold keeps about k latents per token
+        assert sae.cfg.threshold > 0
+        assert 4 <= float((sae.encode(x) > 0).sum(1).float().mean()) <= 16
 
 
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
@@ -139,13 +142,19 @@ def test_same_seed_same_weights(shards, tmp_path):
         {"tau": 0.1, "tau_schedule": "adaptive"},  # the default top-k co-activation term
         {"tau": 5.0, "penalty": "random"},  # the control: a numpy RNG of its own draws the pairs
         {"tau": 5.0, "penalty": "ortsae", "ortsae_chunk": 64},  # OrtSAE-style: its RNG draws the chunks
+        {
+            "tau": 5.0,
+            "train": replace(TINY, architecture="batchtopk"),
+            "matryoshka_prefixes": (64, 256),
+            "matryoshka_sum": True,
+        },  # the paper's Matryoshka: the inference threshold is running state
     ],
-    ids=["topk", "random", "ortsae"],
+    ids=["topk", "random", "ortsae", "matryoshka_batchtopk"],
 )
 def test_interrupted_training_resumes_to_the_same_weights(shards, tmp_path, arm):
     """Stopped at step 25 (checkpoint at 20) and resumed: bit-identical to the uninterrupted run,
     which needs every RNG the run draws from (the penalty's included) restored from the checkpoint."""
-    cfg = RunConfig(TINY, seed=1, **arm)
+    cfg = RunConfig(**{"train": TINY, "seed": 1, **arm})
     _, full = run(cfg, shards, tmp_path, "full")
     stopped, none = run(cfg, shards, tmp_path, "resumed", max_steps=25)
     assert none is None and stopped["steps"] == 25 and (tmp_path / ".ckpt_resumed" / "ckpt.pt").exists()
@@ -153,6 +162,7 @@ def test_interrupted_training_resumes_to_the_same_weights(shards, tmp_path, arm)
     assert metrics["resumed"] and metrics["steps"] == 40
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+    assert full.cfg == resumed.cfg  # the batchtopk threshold included
     assert not (tmp_path / ".ckpt_resumed").exists()
     assert (tmp_path / "full" / "pairs.parquet").read_bytes() == (tmp_path / "resumed" / "pairs.parquet").read_bytes()
 
@@ -209,13 +219,13 @@ def test_non_finite_loss_stops_with_the_step(shards, tmp_path, monkeypatch):
     assert not (tmp_path / "nan").exists()
 
 
-@pytest.mark.parametrize("architecture", ["topk", "relu"])
+@pytest.mark.parametrize("architecture", ["topk", "relu", "batchtopk"])
 def test_saelens_loads_and_encodes_identically(shards, tmp_path, architecture):
     from sae_lens import SAE as LensSAE
 
     _, ours = run(RunConfig(replace(TINY, architecture=architecture, train_tokens=128 * 5), seed=0), shards, tmp_path)
     theirs = LensSAE.load_from_disk(tmp_path / "sae")
-    assert theirs.cfg.architecture() == {"topk": "topk", "relu": "standard"}[architecture]
+    assert theirs.cfg.architecture() == {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu"}[architecture]
     x = shards.load(0).float()[:200]
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-4, atol=1e-4)

@@ -62,7 +62,7 @@ class ExtractParams:
 class TrainParams:
     """SAE training shared by the baseline and the orthogonality run (stages `train_baseline`, `train`)."""
 
-    architecture: Literal["relu", "topk"] = "topk"
+    architecture: Literal["relu", "topk", "batchtopk"] = "topk"
     d_sae: int = 4608
     k: int = 12  # active latents per token (topk)
     l1_coeff: float = 1.0  # relu: weight of sum_i f_i ||w_i||, relative to the per-element MSE

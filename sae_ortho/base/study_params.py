@@ -27,6 +27,9 @@ class Arm:
     topk_fraction: float | None = None  # None: the study's `topk_fraction`
     chunk: int = 1024  # ortsae: latents per random chunk
     matryoshka: tuple[float, ...] = ()  # nested prefix sizes as fractions of d_sae (the last 1.0)
+    # paper: BatchTopK, summed prefix losses, inference threshold (Bussmann et al. 2025); topk: per-sample
+    # TopK, mean of the prefix losses (the study's earlier variant, kept as a secondary arm)
+    matryoshka_variant: Literal["paper", "topk"] = "paper"
     # Start from the sweep arm the `select` stage chose for this remedy ("" = no).
     from_selection: Literal["", "topk", "ortsae", "matryoshka"] = ""
     # Replay this headline arm's tau at every step of the same cell and seed (the matched control).

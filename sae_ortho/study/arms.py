@@ -59,6 +59,9 @@ def run_config_for(arm: Arm, p: Params, train: TrainParams, seed: int, topk_frac
     tau = 0.0 if arm.penalty == "none" else float(arm.tau)
     schedule = arm.schedule or "fixed"
     prefixes = tuple(max(1, round(f * train.d_sae)) for f in arm.matryoshka)
+    paper = bool(prefixes) and arm.matryoshka_variant == "paper"
+    if paper:
+        train = replace(train, architecture="batchtopk")
     return RunConfig(
         train=train,
         seed=seed,
@@ -70,6 +73,7 @@ def run_config_for(arm: Arm, p: Params, train: TrainParams, seed: int, topk_frac
         tau_decay=arm.decay if arm.decay is not None else 0.999,
         ortsae_chunk=arm.chunk,
         matryoshka_prefixes=prefixes,
+        matryoshka_sum=paper,
     )
 
 

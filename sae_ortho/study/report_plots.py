@@ -56,8 +56,8 @@ def absorption_vs_fvu(r: StudyResults, path: Path) -> None:
     synthetic |= {f"headline:{a}": s for a, s in r.synthetic_headline.items()}  # fresh seeds
 
     def fvu_of(syn: dict) -> float:
-        names = [k for k, v in syn.items() if isinstance(v, dict) and "explained_variance" in v]
-        return 1 - float(np.mean([syn[n]["explained_variance"] for n in names]))
+        ev = [h["explained_variance"]["mean"] for c in syn["cells"].values() for h in c.values()]
+        return 1 - float(np.mean(ev))
 
     base = synthetic.get("sweep:baseline")
     for name, syn in synthetic.items():
@@ -119,7 +119,7 @@ def jaccard_vs_lag(r: StudyResults, path: Path) -> None:
 
 def topk_ablation(r: StudyResults, path: Path) -> None:
     """Synthetic absorption and cheap-LM FVU against the top-k fraction at the selected setting."""
-    chosen = r.selection.get("selected")
+    chosen = r.selection.get("remedies", {}).get("topk", {}).get("selected")
     points = []
     for pair in [*r.ablation.values(), r.sweep.get(chosen, {})]:
         if pair.get("lm") and pair.get("synthetic"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,7 @@ def trainer_state(trainer: Trainer) -> dict:
         "pair_log": [{k: torch.from_numpy(v) for k, v in rows.items()} for rows in trainer.pair_log],
         "history": trainer.history,
         "tau_trace": trainer.tau_trace,
+        "threshold": trainer.sae.cfg.threshold,  # batchtopk's running inference threshold (not a weight)
         "torch_rng": torch.get_rng_state(),
         "penalty": trainer.penalty.state_dict() if trainer.penalty is not None else {},
     }
@@ -72,6 +74,7 @@ def load_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> bool
     trainer.step, trainer.tau.tau = state["step"], state["tau"]
     trainer.silent_tokens, trainer.history = state["silent_tokens"], state["history"]
     trainer.tau_trace = state["tau_trace"]
+    trainer.sae.cfg = replace(trainer.sae.cfg, threshold=state["threshold"])
     trainer.pair_log = [{k: v.numpy() for k, v in rows.items()} for rows in state["pair_log"]]
     torch.set_rng_state(state["torch_rng"])
     if trainer.penalty is not None:

@@ -234,3 +234,36 @@ def add_pair_grad(grad, w, i, j, coef):
             c, s = partner[q], weight[q]
             for x in range(d):
                 grad[r, x] += s * w[c, x]
+
+
+@nb.njit(parallel=True, cache=True)
+def topk_rows(scores, k, out):
+    """out[r] = the column indices of row r's k largest scores, ascending (TopK's active set).
+
+    torch.topk costs ~10 ns per element on one core at 1024 x 200 (a fifth of a synthetic run's step);
+    a running minimum over the row rejects most elements with one comparison. Rows are independent, so
+    the result does not depend on the thread count; among tied scores the earliest column is kept."""
+    n_rows, n_cols = scores.shape
+    scratch = np.empty((n_rows, k), scores.dtype)  # one allocation: a per-row one costs as much as the row
+    for r in nb.prange(n_rows):
+        vals, idx = scratch[r], out[r]
+        for j in range(k):
+            vals[j], idx[j] = scores[r, j], j
+        low = 0
+        for j in range(1, k):
+            if vals[j] < vals[low]:
+                low = j
+        for c in range(k, n_cols):
+            v = scores[r, c]
+            if v > vals[low]:
+                vals[low], idx[low] = v, c
+                low = 0
+                for j in range(1, k):
+                    if vals[j] < vals[low] or (vals[j] == vals[low] and idx[j] > idx[low]):
+                        low = j
+        for a in range(1, k):  # insertion sort of k indices
+            t, b = idx[a], a - 1
+            while b >= 0 and idx[b] > t:
+                idx[b + 1] = idx[b]
+                b -= 1
+            idx[b + 1] = t

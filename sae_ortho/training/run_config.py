@@ -25,6 +25,7 @@ class RunConfig:
     tau_decay: float = 0.999  # tau_schedule "decay": tau_t = tau * tau_decay**t (the earlier attempt's rule)
     ortsae_chunk: int = 1024  # ortsae: latents per random chunk
     matryoshka_prefixes: tuple[int, ...] = ()  # nested prefix sizes (the last = d_sae); () = plain SAE
+    matryoshka_sum: bool = False  # sum the prefix losses (the paper's, with batchtopk) rather than their mean
     # tau at every step, replayed instead of the schedule (the study's control replays best's trajectory)
     tau_replay: tuple[float, ...] = ()
 

@@ -18,7 +18,9 @@ from torch import nn
 
 from sae_ortho.base.io import atomic_dir
 
-Architecture = Literal["relu", "topk"]
+# batchtopk (Bussmann et al. 2024): training keeps the batch's k * B largest pre-activations; inference
+# thresholds at `threshold` (a running estimate of the smallest kept one), exported as SAELens's JumpReLU.
+Architecture = Literal["relu", "topk", "batchtopk"]
 CONFIG_FILE = "sae_config.json"
 STATE_FILE = "sae_state.safetensors"
 
@@ -30,6 +32,7 @@ class SAEConfig:
     architecture: Architecture = "topk"
     k: int = 32  # active latents per token (topk)
     input_scale: float = 1.0
+    threshold: float = 0.0  # batchtopk: inference keeps pre-activations above it (of the scaled input)
     model_name: str = ""
     hook_name: str = ""
 
@@ -55,6 +58,8 @@ class SAE(nn.Module):
         pre = self.pre_acts(x_scaled)
         if self.cfg.architecture == "relu":
             return torch.relu(pre)
+        if self.cfg.architecture == "batchtopk":
+            return torch.relu(pre) * (pre > self.cfg.threshold)
         values, indices = torch.topk(pre, self.cfg.k, dim=-1, sorted=False)
         # Same order as SAELens's TopK: select by pre-activation, then ReLU.
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
@@ -102,7 +107,7 @@ class SAE(nn.Module):
 
     def to_saelens(self):
         """A sae_lens SAE that encodes raw (unscaled) activations exactly as this one does."""
-        from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+        from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
         from sae_lens.saes.sae import SAEMetadata
 
         s = self.cfg.input_scale
@@ -110,6 +115,10 @@ class SAE(nn.Module):
         common = {"d_in": self.cfg.d_in, "d_sae": self.cfg.d_sae, "metadata": meta}
         if self.cfg.architecture == "relu":
             sae = StandardSAE(StandardSAEConfig(**common))
+        elif self.cfg.architecture == "batchtopk":
+            sae = JumpReLUSAE(JumpReLUSAEConfig(**common))
+            with torch.no_grad():  # folding the input scale leaves the pre-activations, so the threshold
+                sae.threshold.fill_(self.cfg.threshold)
         else:
             sae = TopKSAE(TopKSAEConfig(k=self.cfg.k, **common))
         with torch.no_grad():

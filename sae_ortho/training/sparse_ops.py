@@ -14,8 +14,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from sae_ortho.training import kernels
 
 
 @dataclass
@@ -40,10 +43,22 @@ def topk_pattern(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None)
     """(rows, cols, offsets) of each row's k largest pre-activations (among `allowed` latents)."""
     with torch.no_grad():
         scores = pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))
-        cols = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values.reshape(-1)
+        out = np.empty((len(pre), k), dtype=np.int64)
+        kernels.topk_rows(scores.contiguous().numpy(), k, out)
+        cols = torch.from_numpy(out).reshape(-1)
     batch = len(pre)
     rows = torch.arange(batch).repeat_interleave(k)
     return rows, cols, torch.arange(0, batch * k + 1, k)
+
+
+def batch_topk_pattern(pre: torch.Tensor, k: int):
+    """(rows, cols, offsets) of the batch's k * B largest pre-activations (BatchTopK), row-major."""
+    with torch.no_grad():
+        flat = torch.topk(pre.reshape(-1), k * len(pre), sorted=False).indices.sort().values
+        rows, cols = flat // pre.shape[1], flat % pre.shape[1]
+        offsets = torch.zeros(len(pre) + 1, dtype=torch.long)
+        offsets[1:] = torch.bincount(rows, minlength=len(pre)).cumsum(0)
+    return rows, cols, offsets
 
 
 def positive_pattern(pre: torch.Tensor):

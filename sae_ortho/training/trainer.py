@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.sae import SAE, SAEConfig
 from sae_ortho.training.sparse_ops import (
     ActiveCodes,
+    batch_topk_pattern,
     decode_active,
     dense_pre_acts,
     gather_pre_acts,
@@ -40,16 +42,19 @@ class NonFiniteLoss(RuntimeError):
     """The step's loss was NaN or infinite; the message names the step and the loss parts."""
 
 
-def matryoshka_loss(mse: torch.Tensor, xs: torch.Tensor, codes: ActiveCodes, sae: SAE, prefixes) -> torch.Tensor:
+def matryoshka_loss(
+    mse: torch.Tensor, xs: torch.Tensor, codes: ActiveCodes, sae: SAE, prefixes, summed: bool = False
+) -> torch.Tensor:
     """Matryoshka objective (Bussmann et al. 2025): each prefix of the latents [0, m) must reconstruct
-    the input on its own; the mean over prefixes (the last is the full SAE, whose error is `mse`).
-    TopK picks the active latents, as for the plain SAE, so L0 is matched exactly across arms."""
+    the input on its own (the last prefix is the full SAE, whose error is `mse`). The paper sums the prefix
+    losses over BatchTopK codes (`summed`, architecture batchtopk); the study's secondary variant takes
+    their mean over per-sample TopK codes, so L0 is matched exactly across arms."""
     losses = [mse]
     for m in prefixes[:-1]:
         kept = codes.values * (codes.cols < m)
         x_hat = decode_active(codes.cols, codes.offsets, kept, sae.W_dec) + sae.b_dec
         losses.append(((xs - x_hat) ** 2).sum(-1).mean() / sae.cfg.d_in)
-    return torch.stack(losses).mean()
+    return torch.stack(losses).sum() if summed else torch.stack(losses).mean()
 
 
 def lr_at(step: int, t: params_mod.TrainParams) -> float:
@@ -109,6 +114,8 @@ class Trainer:
             pre = torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=self._pre_buffer)
         if sae.cfg.architecture == "topk":
             rows, cols, offsets = topk_pattern(pre, sae.cfg.k)
+        elif sae.cfg.architecture == "batchtopk":
+            rows, cols, offsets = batch_topk_pattern(pre, sae.cfg.k)
         else:
             rows, cols, offsets = positive_pattern(pre)
         if sparse is None:
@@ -124,6 +131,14 @@ class Trainer:
             x_hat = f @ sae.W_dec + sae.b_dec
             ctx["pre"] = pre_grad
         return ActiveCodes(rows, cols, offsets, values), x_hat, ctx
+
+    THRESHOLD_BETA = 0.999  # Bussmann et al.'s running estimate of the smallest kept pre-activation
+
+    def _update_threshold(self, smallest_kept: float) -> None:
+        """BatchTopK's inference threshold: an exponential average of each batch's smallest kept activation."""
+        old = self.sae.cfg.threshold
+        new = smallest_kept if self.step == 0 else self.THRESHOLD_BETA * old + (1 - self.THRESHOLD_BETA) * smallest_kept
+        self.sae.cfg = replace(self.sae.cfg, threshold=new)
 
     def aux_k_loss(self, ctx: dict, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual."""
@@ -152,9 +167,11 @@ class Trainer:
         loss = mse
         parts = {"mse": mse.item()}
         if self.cfg.matryoshka_prefixes:
-            loss = matryoshka_loss(mse, xs, codes, sae, self.cfg.matryoshka_prefixes)
+            loss = matryoshka_loss(mse, xs, codes, sae, self.cfg.matryoshka_prefixes, self.cfg.matryoshka_sum)
             parts["matryoshka"] = loss.item()
         active = codes.values.detach() > 0
+        if t.architecture == "batchtopk" and active.any():
+            self._update_threshold(float(codes.values.detach()[active].min()))
         with torch.no_grad():
             self.silent_tokens += len(x)
             self.silent_tokens[codes.cols[active]] = 0
