@@ -2,7 +2,8 @@
 
 `--group sweep|ablation` trains a cheap SAE (study `sweep_tokens`) of that group's arm and measures its
 cost (core metrics: the selection rule's FVU and CE); `--group headline --seed S` the full-size SAE of a
-headline arm at SAE seed S, with first-letter absorption, and SAEBench probing on the first headline seed;
+headline arm at SAE seed S, with SAEBench probing, on `headline_heldout_contexts` held-out contexts, and
+first-letter absorption on the first headline seed;
 `--group scaling --tokens N` a headline arm at N training tokens, with absorption. Writes
 models/study/<group>/<run>/ (SAE, pair log, full evaluation records in eval/) and
 metrics/study/<group>/<run>.json (compact figures).
@@ -74,9 +75,12 @@ def main() -> None:
     try:
         # First-letter absorption is not meaningful on a 250k-token SAE (at most 5 letters carried), so the
         # sweep and the ablation measure only the cost; probing (~90 s an SAE) is a secondary figure.
-        with_probing = args.group == "headline" and seed == study.headline_seeds[0]
-        with_absorption = args.group in ("headline", "scaling")
-        figures = evaluate(out_dir, p, model, with_probing, study.heldout_contexts, with_absorption=with_absorption)
+        # Headline SAEs: probing on every seed, core metrics on >= 16k held-out tokens; first-letter absorption
+        # (secondary: not meaningful at this scale) on the first seed and the scaling runs only.
+        with_probing = args.group == "headline"
+        with_absorption = args.group == "scaling" or (args.group == "headline" and seed == study.headline_seeds[0])
+        contexts = study.headline_heldout_contexts if args.group == "headline" else study.heldout_contexts
+        figures = evaluate(out_dir, p, model, with_probing, contexts, with_absorption=with_absorption)
     except BrokenSAE as err:
         shutil.rmtree(out_dir, ignore_errors=True)  # nothing DVC could cache from a broken run
         sys.exit(f"error: {args.group}/{run}: {err}")

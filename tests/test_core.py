@@ -1,5 +1,7 @@
 """Held-out set and core metrics: disjoint from training, exact CE anchors, SAELens as reference."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -67,8 +69,13 @@ def test_ce_recovered_is_exactly_one_for_identity_and_zero_for_zeros(model, setu
     assert ident["ce_recovered_vs_zero"] == 1.0 and ident["ce_recovered_vs_mean"] == 1.0
     assert ident["kl_with_sae"] == 0.0 and ident["fvu"] == 0.0
     assert ident["ce_clean"] == ident["ce_clean_cached"]  # llm_cache's clean run == this stage's
+    assert ident["ce_recovered_vs_zero_all_positions"] == 1.0
     zeros = core_metrics(Zeros(576), model, hs, CP, progress_bar=False)
     assert zeros["ce_recovered_vs_zero"] == 0.0
+    # SAELens's zero-ablation also zeroes BOS: another reference, so a zero SAE no longer reads exactly 0
+    assert zeros["ce_zero_ablation_all_positions"] != zeros["ce_zero_ablation"]
+    recovered_all = zeros["ce_recovered_vs_zero_all_positions"]
+    assert math.isfinite(recovered_all) and recovered_all != 0
     assert zeros["kl_with_sae"] == pytest.approx(zeros["kl_zero_ablation"], abs=1e-6)
     assert zeros["ce_zero_ablation"] > zeros["ce_clean"] + 0.5  # zero-ablating a mid layer must hurt
     assert any("FVU" in f for f in science_failures(zeros))
@@ -95,8 +102,10 @@ def test_spliced_ce_and_kl_match_saelens_get_recons_loss(model, setup):
     torch.testing.assert_close(ours["sae"]["ce"], ref["ce_loss_with_sae"][:, 1:], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(ours["clean"]["ce"], ref["ce_loss_without_sae"][:, 1:], atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(ours["sae"]["kl"], ref["kl_div_with_sae"][:, 1:-1], atol=2e-4, rtol=1e-3)
-    # SAELens zero-ablates every position, BOS included; ours keeps BOS, so these differ by design.
+    # SAELens zero-ablates every position, BOS included; ours keeps BOS, so these differ by design, and
+    # the reference cached in SAELens's convention equals SAELens's own.
     assert not torch.allclose(hs.refs["ce_zero"], ref["ce_loss_with_ablation"][:, 1:], atol=1e-3)
+    torch.testing.assert_close(hs.refs["ce_zero_all"], ref["ce_loss_with_ablation"][:, 1:], atol=2e-4, rtol=1e-4)
 
 
 def test_saelens_export_gives_the_same_core_metrics(model, setup):
@@ -113,6 +122,16 @@ def test_saelens_export_gives_the_same_core_metrics(model, setup):
     assert 0 < ours["fvu"] < 1 and 0 < ours["ce_recovered_vs_zero"] <= 1
     assert ours["l0"] == pytest.approx(8, abs=0.5)
     assert science_failures(ours) == []
+
+
+def test_kl_on_the_first_contexts_keeps_ce_on_all(model, setup):
+    """One LM pass beyond the KL contexts: CE with the SAE and CE recovered equal the two-pass figures."""
+    _, _, hs, sae = setup
+    full = core_metrics(sae, model, hs, CP, progress_bar=False)
+    part = core_metrics(sae, model, hs, CP, progress_bar=False, kl_contexts=4)
+    for key in ("ce_with_sae", "ce_clean", "ce_recovered_vs_zero", "ce_recovered_vs_zero_all_positions", "fvu"):
+        assert part[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+    assert part["kl_tokens"] < full["kl_tokens"] and part["kl_with_sae"] > 0
 
 
 def test_science_failures_catch_broken_figures():

@@ -121,14 +121,16 @@ def cell(values):
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "n": len(values), "values": values}
 
 
-def test_a_planted_difference_counts_and_noise_does_not():
+def test_a_planted_paired_difference_counts_and_noise_does_not():
+    """LM figures are paired by SAE seed: a shift that every seed shows counts, a noisy one does not."""
     table = {
-        "baseline": {"synthetic_absorption": cell([0.50, 0.51, 0.49])},
-        "planted": {"synthetic_absorption": cell([0.30, 0.31, 0.29])},  # 20 points lower, tight seeds
-        "noisy": {"synthetic_absorption": cell([0.35, 0.62, 0.50])},  # lower mean, seed spread larger than it
+        "baseline": {"probing_top_1": cell([0.50, 0.55, 0.45, 0.52])},
+        "planted": {"probing_top_1": cell([0.60, 0.651, 0.549, 0.62])},  # +0.1 on every seed
+        "noisy": {"probing_top_1": cell([0.65, 0.45, 0.60, 0.42])},  # higher mean, not paired-consistent
     }
     rows = {r["arm"]: r for r in comparisons(table, alpha=0.05)}
-    assert rows["planted"]["counts"] and rows["planted"]["difference"] == pytest.approx(-0.2)
+    assert rows["planted"]["counts"] and rows["planted"]["difference"] == pytest.approx(0.1, abs=1e-3)
+    assert rows["planted"]["n"] == 4 and rows["planted"]["ci95"][0] > 0
     assert not rows["noisy"]["counts"]
 
 
@@ -179,21 +181,16 @@ def test_synthetic_grid_rules(tmp_path, grid, message):
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 
 
-def test_efficiency_is_undefined_when_the_cost_is_seed_noise():
-    """A cost within seed sd would make absorption-removed-per-cost arbitrarily large: it must be None."""
-    from sae_ortho.study.report import efficiency
+def test_efficiency_is_undefined_when_the_cost_is_noise():
+    """Within the synthetic benchmark: a cost whose CI holds 0 would make the ratio arbitrarily large."""
+    from sae_ortho.study.synthetic_stats import efficiency
 
-    def row(absorption: float, fvu: float, fvu_std: float) -> dict:
-        return {"synthetic_absorption": {"mean": absorption}, "fvu": {"mean": fvu, "std": fvu_std}}
+    def row(d_primary: float, d_ev: float, ev_ci: list) -> dict:
+        return {"p": {"mean": d_primary}, "explained_variance": {"mean": d_ev, "ci95": ev_ci}}
 
-    table = {
-        "baseline": row(0.76, 0.1337, 0.0011),
-        "noise_cost": row(0.75, 0.1339, 0.0007),
-        "real_cost": row(0.27, 0.1478, 0.0026),
-    }
-    eff = efficiency(table)
-    assert eff["noise_cost"] is None
-    assert eff["real_cost"] == pytest.approx(0.49 / (0.0141 / 0.1337))
+    eff = efficiency({"noise": row(-0.1, -0.001, [-0.003, 0.001]), "real": row(-0.2, -0.02, [-0.03, -0.01])}, "p")
+    assert eff["noise"] is None
+    assert eff["real"] == pytest.approx(10.0)  # 0.2 of the primary removed per 0.02 of FVU added
 
 
 def test_measures_are_validated_against_the_arms_and_the_evaluation():

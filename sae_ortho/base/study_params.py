@@ -191,8 +191,9 @@ class StudyParams:
     headline_arms: tuple[str, ...] = ("baseline", "best", "control", "matryoshka", "ortsae")
     # headline arms on the synthetic grid by stage `synthetic_headline`; the control has its own stage
     synthetic_extra: tuple[str, ...] = ("baseline", "best", "matryoshka", "ortsae")
-    scaling_arms: tuple[str, ...] = ("baseline", "best")
-    heldout_contexts: int = 16  # core metrics (FVU, CE) on the first held-out contexts (the default's 65 cost ~65 s)
+    scaling_arms: tuple[str, ...] = ()  # LM first-letter absorption against tokens (stage lm_scaling); none by default
+    heldout_contexts: int = 16  # core metrics (FVU, CE) of the sweep, ablation and scaling SAEs: first contexts
+    headline_heldout_contexts: int = 128  # of the headline SAEs: 128 x 127 = 16,256 tokens
     alpha: float = 0.05  # family-wise error of the Holm-corrected headline comparisons
     selection: Selection = field(default_factory=Selection)  # declared before any headline run
     synthetic_grid: SyntheticGrid = field(default_factory=SyntheticGrid)
@@ -201,6 +202,7 @@ class StudyParams:
     def validate(self) -> None:
         check(self.sweep_tokens >= 1, "sweep_tokens", "must be >= 1")
         check(self.heldout_contexts >= 1, "heldout_contexts", "must be >= 1")
+        check(self.headline_heldout_contexts >= 1, "headline_heldout_contexts", "must be >= 1")
         check(0 < self.topk_fraction <= 1, "topk_fraction", "must be in (0, 1]")
         check(len(self.headline_seeds) >= 1, "headline_seeds", "needs at least one seed")
         check(len(set(self.headline_seeds)) == len(self.headline_seeds), "headline_seeds", "must be distinct")

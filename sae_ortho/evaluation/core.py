@@ -129,12 +129,14 @@ def kept_pair_geometry(sae, x: torch.Tensor, batch_size: int, fraction: float) -
 def ce_metrics(ce: dict[str, dict[str, torch.Tensor]], cached: dict[str, torch.Tensor]) -> dict:
     """CE losses, the recovered fractions and KL divergences.
 
-    recovered vs zero = (CE_zero - CE_sae) / (CE_zero - CE_clean); the same with mean-ablation.
+    recovered vs zero = (CE_zero - CE_sae) / (CE_zero - CE_clean); the same with mean-ablation, and with
+    SAELens's zero-ablation of every position (BOS included). The headline uses the first (BOS kept).
     CE_clean and KL come from this run's clean pass (same batches as the splice); the ablation
     losses are the llm_cache stage's, computed on the same path and batches.
     """
     clean, sae = ce["clean"]["ce"].mean().item(), ce["sae"]["ce"].mean().item()
     zero, mean = cached["ce_zero"].mean().item(), cached["ce_mean"].mean().item()
+    zero_all = cached["ce_zero_all"].mean().item() if "ce_zero_all" in cached else math.nan
     return {
         "ce_clean": clean,
         "ce_with_sae": sae,
@@ -142,6 +144,9 @@ def ce_metrics(ce: dict[str, dict[str, torch.Tensor]], cached: dict[str, torch.T
         "ce_mean_ablation": mean,
         "ce_recovered_vs_zero": (zero - sae) / (zero - clean),
         "ce_recovered_vs_mean": (mean - sae) / (mean - clean),
+        # SAELens / SAEBench convention: zero-ablation at every position, BOS included (heldout.AllPositions)
+        "ce_zero_ablation_all_positions": zero_all,
+        "ce_recovered_vs_zero_all_positions": (zero_all - sae) / (zero_all - clean),
         "ce_increase": sae - clean,
         "kl_with_sae": ce["sae"]["kl"].mean().item(),
         "kl_zero_ablation": cached["kl_zero"].mean().item(),
@@ -150,8 +155,12 @@ def ce_metrics(ce: dict[str, dict[str, torch.Tensor]], cached: dict[str, torch.T
     }
 
 
-def core_metrics(sae, model, hs: HeldoutSet, cp: CoreParams, progress_bar: bool = True) -> dict:
-    """Every core metric of `sae` on the held-out set (see the module docstring)."""
+def core_metrics(
+    sae, model, hs: HeldoutSet, cp: CoreParams, progress_bar: bool = True, kl_contexts: int | None = None
+) -> dict:
+    """Every core metric of `sae` on the held-out set (see the module docstring). With `kl_contexts`, KL and the
+    clean run come from the first that many contexts only, and CE with the SAE on the rest is set against the
+    llm_cache stage's clean CE (the same path and batches): one LM pass instead of two there."""
     x = hs.token_acts()
     x_hat, counts, l0 = encode_decode(sae, x)
     freq = counts.double() / len(x)
@@ -163,14 +172,16 @@ def core_metrics(sae, model, hs: HeldoutSet, cp: CoreParams, progress_bar: bool 
         "dense_fraction": float((freq > cp.dense_threshold).double().mean()),
         "dead_definition": f"no activation on any of the {len(x)} held-out tokens",
     }
-    ce = spliced_losses(
-        model,
-        hs,
-        {"clean": None, "sae": lambda a: sae.decode(sae.encode(a))},
-        hs.manifest["batch_size"],
-        progress_bar,
-        desc="spliced CE",
-    )
+    splice = {"clean": None, "sae": lambda a: sae.decode(sae.encode(a))}
+    n_kl = len(hs.tokens) if kl_contexts is None else min(kl_contexts, len(hs.tokens))
+    batch = hs.manifest["batch_size"]
+    ce = spliced_losses(model, hs.contexts(0, n_kl), splice, batch, progress_bar, desc="spliced CE and KL")
+    if n_kl < len(hs.tokens):
+        rest = hs.contexts(n_kl, len(hs.tokens))
+        more = spliced_losses(model, rest, {"sae": splice["sae"]}, batch, progress_bar, "spliced CE", with_kl=False)
+        ce["sae"]["ce"] = torch.cat([ce["sae"]["ce"], more["sae"]["ce"]])
+        ce["clean"]["ce"] = torch.cat([ce["clean"]["ce"], rest.refs["ce_clean"]])
+    out["kl_tokens"] = int(ce["sae"]["kl"].numel())
     out.update(ce_metrics(ce, hs.refs))
     out["decoder_all_pairs"] = decoder_geometry_all_pairs(sae.W_dec)
     out["decoder_kept_pairs"] = kept_pair_geometry(sae, x, cp.pair_batch_size, cp.pair_fraction)

@@ -36,13 +36,18 @@ def _key(fingerprint: str, seed: int, batch_size: int, n_batches: int) -> str:
 
 
 def to_csr(acts: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    dense = torch.cat(acts)
-    rows, cols = dense.nonzero(as_tuple=True)
-    if dense.shape[1] > np.iinfo(np.int16).max:
-        raise ValueError(f"{dense.shape[1]} features: the stored draw's int16 columns hold at most 32767")
-    indptr = np.zeros(len(dense) + 1, dtype=np.int64)
-    np.cumsum(torch.bincount(rows, minlength=len(dense)).numpy(), out=indptr[1:])
-    return {"indptr": indptr, "cols": cols.numpy().astype(np.int16), "vals": dense[rows, cols].numpy()}
+    """Dense [rows, features] batches as one CSR (int16 columns, float32 values), batch by batch."""
+    counts, cols, vals = [], [], []
+    for dense in acts:
+        if dense.shape[1] > np.iinfo(np.int16).max:
+            raise ValueError(f"{dense.shape[1]} features: the stored draw's int16 columns hold at most 32767")
+        r, c = dense.nonzero(as_tuple=True)
+        counts.append(torch.bincount(r, minlength=len(dense)).numpy())
+        cols.append(c.numpy().astype(np.int16))
+        vals.append(dense[r, c].numpy())
+    indptr = np.zeros(sum(len(n) for n in counts) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(counts), out=indptr[1:])
+    return {"indptr": indptr, "cols": np.concatenate(cols), "vals": np.concatenate(vals)}
 
 
 def from_csr(csr: dict[str, np.ndarray], start: int, stop: int, n_features: int) -> torch.Tensor:
@@ -68,11 +73,15 @@ def load_or_draw(model, fingerprint: str, rng, batch_size: int, n_batches: int, 
             csr = {k: f[k] for k in ("indptr", "cols", "vals")}
             rng.state = torch.from_numpy(f["rng_state"])
         return csr
-    acts = []
+    parts = []
     with rng.active():
-        for _ in range(n_batches):
-            acts.append(model.activation_generator.sample(batch_size))
-    csr = to_csr(acts)
+        for _ in range(n_batches):  # sparse at once: 976 dense batches of 200 features would be ~800 MB
+            parts.append(to_csr([model.activation_generator.sample(batch_size)]))
+    csr = {
+        "indptr": np.concatenate([[0], np.cumsum(np.concatenate([np.diff(p["indptr"]) for p in parts]))]),
+        "cols": np.concatenate([p["cols"] for p in parts]),
+        "vals": np.concatenate([p["vals"] for p in parts]),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **csr, rng_state=rng.state.numpy())

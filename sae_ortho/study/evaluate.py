@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,16 @@ from sae_ortho.evaluation.heldout import HeldoutSet
 from sae_ortho.evaluation.probing import check_probing_sanity, sae_probe_results
 from sae_ortho.training.sae import SAE
 
-CORE_KEYS = ("fvu", "l0", "ce_recovered_vs_zero", "kl_with_sae", "dead_fraction", "dense_fraction")
+CORE_KEYS = (
+    "fvu",
+    "l0",
+    "ce_recovered_vs_zero",
+    "ce_recovered_vs_zero_all_positions",
+    "kl_with_sae",
+    "dead_fraction",
+    "dense_fraction",
+    "n_tokens",
+)
 ABSORPTION_KEYS = (
     "mean_absorption_fraction",
     "mean_absorption_fraction_reseed_range",
@@ -38,16 +46,11 @@ ABSORPTION_KEYS = (
 )
 
 
+KL_CONTEXTS = 16  # KL and the clean run on the first 16 contexts; CE on all (one LM pass per context beyond)
+
+
 class BrokenSAE(RuntimeError):
     """A figure that means a broken SAE or pipeline (FVU >= 1, probing at chance, NaN)."""
-
-
-def first_contexts(hs: HeldoutSet, n: int) -> HeldoutSet:
-    """The held-out set cut to its first `n` contexts (every tensor's first axis is the context)."""
-    n = min(n, len(hs.tokens))
-    cut = {k: v[:n] for k, v in hs.refs.items()}
-    manifest = {**hs.manifest, "n_contexts": n, "n_tokens": n * (hs.tokens.shape[1] - 1)}
-    return replace(hs, tokens=hs.tokens[:n], resid_pre=hs.resid_pre[:n], acts=hs.acts[:n], manifest=manifest, refs=cut)
 
 
 def evaluate(
@@ -64,14 +67,14 @@ def evaluate(
     probing (params.yaml `probing`, ~90 s an SAE, almost all of it encoding the probe texts). Writes
     the full records to `sae_dir/eval/`; returns the compact figures. Raises BrokenSAE."""
     sae = SAE.load(sae_dir).eval()
-    hs = first_contexts(HeldoutSet.load(HELDOUT), heldout_contexts)
+    hs = HeldoutSet.load(HELDOUT).contexts(0, heldout_contexts)
     if sae.cfg.hook_name != hs.manifest["hook_name"]:
         raise ValueError(
             f"SAE {sae_dir} was trained at {sae.cfg.hook_name}, held-out set is {hs.manifest['hook_name']}"
         )
     records: dict[str, dict] = {}
     with torch.no_grad():
-        core = core_metrics(sae, model, hs, p.core, progress_bar)
+        core = core_metrics(sae, model, hs, p.core, progress_bar, kl_contexts=KL_CONTEXTS)
     core.pop("per_context")
     records["core"] = core
     fails = science_failures(core)

@@ -11,13 +11,14 @@ from sae_ortho.study.report import (
     FIGURES,
     StudyResults,
     comparisons,
-    efficiency,
     headline_table,
     lm_figures,
     stage_times,
     synthetic_per_seed,
 )
-from sae_ortho.study.synthetic_stats import decide
+from sae_ortho.study.report_synthetic import declared_sections
+from sae_ortho.study.report_synthetic import num as _num
+from sae_ortho.study.report_synthetic import table as _table
 
 
 def fmt(cell: dict | None, digits: int = 4) -> str:
@@ -26,18 +27,6 @@ def fmt(cell: dict | None, digits: int = 4) -> str:
     if cell.get("n", 1) > 1 and math.isfinite(cell.get("std", math.nan)):
         return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
     return f"{cell['mean']:.{digits}f}"
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    return [_row(head), _row(["---"] * len(head)), *(_row(r) for r in rows)]
-
-
-def _num(v, digits: int = 4) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
 def _selection(r: StudyResults) -> list[str]:
@@ -140,13 +129,6 @@ def _headline(r: StudyResults) -> list[str]:
         + "; ".join(f"{a} {v}" for a, v in carried.items() if v),
         "",
     ]
-    eff = efficiency(table)
-    if eff:
-        out += [
-            "Absorption reduction efficiency (synthetic absorption removed per unit of relative FVU increase; "
-            "n/a where the FVU increase is within seed sd): " + "; ".join(f"{a} {_num(v, 3)}" for a, v in eff.items()),
-            "",
-        ]
     return out
 
 
@@ -158,21 +140,34 @@ def _comparisons(r: StudyResults) -> list[str]:
     out += [
         "## Which differences from the baseline count",
         "",
-        f"Welch t-test across seeds, Holm-corrected over every (arm, primary metric) pair at alpha {s.alpha}; "
-        "a difference counts only if Holm rejects AND it exceeds the larger seed sd AND the metric's reseed noise.",
+        f"LM figures (secondary): paired t-test over SAE seeds, Holm-corrected over every (arm, figure) pair "
+        f"tested here at alpha {s.alpha}; a difference counts only if Holm rejects AND it exceeds the figure's "
+        "reseed noise. The study's conclusion is the declared synthetic test above.",
         "",
     ]
     out += _table(
-        ["arm", "metric", "difference", "relative", "p (Welch)", "Holm rejects", "seed sd", "reseed noise", "counts"],
+        [
+            "arm",
+            "metric",
+            "seeds",
+            "paired diff",
+            "95% CI",
+            "relative",
+            "p (paired t)",
+            "Holm rejects",
+            "reseed noise",
+            "counts",
+        ],
         [
             [
                 c["arm"],
                 c["metric"],
+                str(c["n"]),
                 _num(c["difference"]),
+                f"[{_num(c['ci95'][0])}, {_num(c['ci95'][1])}]",
                 _num(c["relative"], 3),
-                _num(c["p_welch"], 4),
+                _num(c["p_paired"], 4),
                 str(c["holm_rejects"]),
-                _num(c["seed_spread"]),
                 _num(c["reseed_noise"]),
                 ("**yes**" if c["counts"] else "no") if c["meaningful"] else "not meaningful",
             ]
@@ -201,39 +196,24 @@ def _scaling(r: StudyResults) -> list[str]:
     return out
 
 
-def _declared(r: StudyResults) -> list[str]:
-    """The declared test on the synthetic grid: per arm the pooled paired difference of the primary and
-    the guard, Holm, the verdict by the declared rule, and the power reached."""
-    if "baseline" not in r.synthetic_headline:
+def _cross_seed(r: StudyResults) -> list[str]:
+    """Feature matching across each headline arm's LM seeds and the mapped kept-pair overlap, against nulls."""
+    if not r.cross_seed:
         return []
-    d = decide(r.study, r.synthetic_headline)
-    m, g = r.study.measures, r.study.synthetic_grid
-    units = len(g.instances) * len(g.seeds)
-    out = [
-        "",
-        f"## The declared test (study/params.yaml `measures`): {m.primary} on the synthetic grid",
-        "",
-        f"Paired units: {units} (benchmark instance x SAE seed; each unit's difference averaged over "
-        f"{len(g.regimes)} regimes x the hierarchies). Holm over "
-        f"{', '.join(m.holm_family)} at alpha {r.study.alpha:g}; an arm reduces absorption when Holm rejects, the "
-        f"primary falls by >= {m.smallest_effect:.0%} relative and the guard ({m.guard}) by <= {m.guard_max_drop:g}.",
-        "",
-    ]
+    out = ["", "## Features and kept pairs across LM seeds (each extra seed matched to the first)", ""]
     rows = []
-    for arm, row in d["arms"].items():
-        p, gd, pw = row[m.primary], row[m.guard], row.get("power", {})
-        rows.append([
-            arm, _num(p["arm_mean"]), _num(p["baseline_mean"]), _num(p["mean"]),
-            f"[{_num(p['ci95'][0])}, {_num(p['ci95'][1])}]", _num(p["relative"], 3), _num(p["p"]),
-            str(row["holm_rejects"]), _num(gd["mean"]), _num(pw.get("power_reached"), 2),
-            str(pw.get("units_needed", "n/a")), _num(pw.get("minimum_detectable_effect")), row["verdict"],
-        ])  # fmt: skip
-    head = ["arm", "mean", "baseline", "paired diff", "95% CI", "relative", "paired t p", "Holm rejects",
-            "guard diff", "power at smallest effect", "units needed", "MDE (80%)", "verdict"]  # fmt: skip
-    out += _table(head, rows)
-    noise = d["reseed_noise"][m.primary]
-    out += ["", f"Evaluation reseed noise of the primary (baseline, second draw; sd per run): {_num(noise['sd'])} "
-            f"over {noise['n']} runs."]  # fmt: skip
+    for arm, res in r.cross_seed.items():
+        for e in res["pairs"]:
+            shared = e["shared"]
+            t = max(shared, key=float) if shared else None
+            rows.append([
+                arm, f"{res['seeds'][0]} vs {e['seed']}", _num(e["mean_cos"]),
+                _num(e["null_rotation"]["mean_cos"]), _num(e["null_covariance"]["mean_cos"]),
+                f"{_num(shared[t])} (cos >= {t})" if t else "n/a",
+                _num(e["kept_pair_overlap"]["jaccard"]), _num(e["kept_pair_overlap"]["null"]),
+            ])  # fmt: skip
+    out += _table(["arm", "seeds", "matched mean cos", "null: rotation", "null: covariance", "shared",
+                   "kept-pair Jaccard (mapped)", "null (re-paired)"], rows)  # fmt: skip
     return out
 
 
@@ -256,7 +236,7 @@ def render(r: StudyResults, plots: list[str]) -> str:
         "Generated by the `report` stage of study/dvc.yaml from metrics/study/ (pinned by study/dvc.lock).",
         "",
     ]
-    for section in (_selection, _sweep, _declared, _headline, _comparisons, _scaling, _wall_time):
+    for section in (_selection, _sweep, declared_sections, _headline, _comparisons, _cross_seed, _scaling, _wall_time):
         out += section(r)
     out += ["", "## Plots", ""] + [f"![{p}](study/plots/{p})" for p in plots] + [""]
     return "\n".join(out)

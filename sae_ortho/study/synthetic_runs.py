@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_ortho.base.io import atomic_write_text, temp_sibling
+from sae_ortho.base.io import atomic_dir, atomic_write_text, temp_sibling
 from sae_ortho.base.params import Params, SyntheticParams
 from sae_ortho.base.study_params import Regime, StudyParams
 from sae_ortho.evaluation.synthetic_arms import SyntheticJob, aggregate, json_safe, publish, run_jobs, settings
@@ -46,12 +46,22 @@ def grid_jobs(
                     where = Path(cell) / h.name / f"seed_{seed}"
                     cfg = run_config_for(spec, p, s.train, seed, study.topk_fraction)
                     if spec.tau_from:  # the matched control: the named arm's tau, step by step, same cell and seed
-                        trace = np.load(MODELS / group / spec.tau_from / where / TAU_TRACE)
-                        cfg = replace(cfg, tau_replay=tuple(float(t) for t in trace))
+                        cfg = replace(cfg, tau_replay=tau_trace(group, spec.tau_from, where))
                     curve = group == "headline" and n < grid.curve_seeds
                     reseed = s.eval_seed + grid.reseed if group == "headline" and arm == "baseline" else None
                     jobs.append((cell, SyntheticJob(s, cfg, h, root / where, ckpt / where, curve, reseed)))
     return jobs
+
+
+TAU_TRACES = "tau_traces.npz"  # per run with a penalty: tau at every step, keyed by cell/hierarchy/seed_s
+
+
+def tau_trace(group: str, arm: str, where: Path) -> tuple[float, ...]:
+    path = METRICS / group / arm / TAU_TRACES
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run the `{arm}` arm's synthetic stage first")
+    with np.load(path) as traces:
+        return tuple(float(t) for t in traces[str(where)])
 
 
 def _per_seed(h: dict, name: str) -> dict:
@@ -87,8 +97,10 @@ def compact(full: dict, study: StudyParams) -> dict:
 
 
 def run_study_synthetic(p: Params, study: StudyParams, group: str, arm: str) -> dict:
-    """Train and evaluate the arm on the grid; write models/study/synthetic/<group>/<arm>/ (per run: SAE,
-    matching, tau trace; result.json) and metrics/study/synthetic/<group>/<arm>.json; return the latter."""
+    """Train and evaluate the arm on the grid. The stage's outputs are small and committed, so a finished stage
+    never reruns on a fresh clone and the study can be run in parts across machines: metrics/study/synthetic/
+    <group>/<arm>.json (compact) and <arm>/ (result.json, every penalised run's tau trace). The SAEs and
+    per-run matchings stay in models/study/synthetic/<group>/<arm>/, untracked, for inspection."""
     spec = arm_spec(study, group, arm)
     out_dir = MODELS / group / arm
     tmp, ckpt = temp_sibling(out_dir), Path("models/study") / f".ckpt_synthetic_{group}_{arm}"
@@ -104,6 +116,12 @@ def run_study_synthetic(p: Params, study: StudyParams, group: str, arm: str) -> 
     full["seconds"] = time.perf_counter() - t0
     full = json_safe(full)
     atomic_write_text(tmp / "result.json", json.dumps(full, indent=1) + "\n")
+    with atomic_dir(METRICS / group / arm) as out:
+        (out / "result.json").write_text(json.dumps(full, indent=1) + "\n")
+        traces = {str(j.run_dir.relative_to(tmp)): j.run_dir / TAU_TRACE for _, j in jobs}
+        traces = {k: np.load(v) for k, v in traces.items() if v.exists()}
+        if traces:
+            np.savez_compressed(out / TAU_TRACES, **traces)
     publish(tmp, out_dir, ckpt)
     given = {k: v for k, v in spec.__dict__.items() if v not in (None, "", ())}
     metrics = {"arm": arm, "group": group, "settings": given, **compact(full, study)}

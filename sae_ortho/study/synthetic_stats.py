@@ -85,6 +85,21 @@ def curve(syn: dict, measure: str) -> dict[int, float]:
     return {n: float(np.mean(v)) for n, v in sorted(points.items()) if v}
 
 
+def efficiency(arms: dict[str, dict], primary: str) -> dict[str, float | None]:
+    """Per arm, within the synthetic benchmark: the primary measure removed per unit of synthetic FVU added
+    (1 - explained variance), from the pooled paired differences; None where the FVU change's 95% CI holds 0
+    (a cost within noise would make the ratio arbitrarily large)."""
+    out: dict[str, float | None] = {}
+    for arm, row in arms.items():
+        ev = row.get("explained_variance")
+        lo, hi = ev["ci95"] if ev else (None, None)
+        if ev is None or lo is None or lo <= 0 <= hi:
+            out[arm] = None
+            continue
+        out[arm] = row[primary]["mean"] / ev["mean"]  # (-d primary) / (d FVU), with d FVU = -d explained variance
+    return out
+
+
 def decide(study: StudyParams, headline: dict[str, dict]) -> dict:
     """Per arm: pooled paired differences for every declared measure, per-cell ones for the primary and
     the guard, Holm over the family, the declared verdict, and the power reached."""
@@ -133,5 +148,6 @@ def decide(study: StudyParams, headline: dict[str, dict]) -> dict:
         "alpha": alpha,
         "arms": arms,
         "reseed_noise": {name: reseed_noise(base, name) for name in (m.primary, m.guard, "absorption")},
+        "efficiency": efficiency(arms, m.primary) if "explained_variance" in m.cost else {},
         "curves": {arm: curve(syn, m.primary) for arm, syn in headline.items()},
     }
