@@ -38,8 +38,8 @@ class Arm:
     @property
     def remedy(self) -> str | None:
         """Which remedy a sweep arm tunes (each gets the same budget and rule); None for the baseline."""
-        if self.matryoshka:
-            return "matryoshka"
+        if self.matryoshka:  # the TopK variant is reported, never selected: the paper's is the remedy
+            return "matryoshka" if self.matryoshka_variant == "paper" else "matryoshka_topk"
         if self.penalty == "ortsae":
             return "ortsae"
         acts = not (self.tau == 0 and (self.schedule or "fixed") == "fixed")
@@ -90,6 +90,7 @@ class SyntheticGrid:
         default_factory=lambda: {"matched": Regime(200, 7), "wide": Regime(400, 5)}
     )
     selection_seeds: tuple[int, ...] = (0, 1)  # SAE seeds of the sweep and the ablation
+    selection_instances: tuple[int, ...] = (100,)  # instances of the sweep and the ablation (the headline: all)
     seeds: tuple[int, ...] = (10, 11, 12, 13, 14, 15, 16, 17)  # SAE seeds of the headline (fresh)
     curve_seeds: int = 2  # headline runs of the first seeds also evaluated at 1/4, 1/2, 3/4 of training
     reseed: int = 1  # the baseline's headline runs also evaluated on the draw at eval_seed + this
@@ -99,7 +100,9 @@ class SyntheticGrid:
         for name, regime in self.regimes.items():
             regime.validate(f"{where}.regimes.{name}")
         check(len(self.regimes) >= 1, f"{where}.regimes", "needs at least one regime")
-        for key in ("instances", "selection_seeds", "seeds"):
+        check(set(self.selection_instances) <= set(self.instances), f"{where}.selection_instances",
+              "must be among the instances")  # fmt: skip
+        for key in ("instances", "selection_instances", "selection_seeds", "seeds"):
             values = getattr(self, key)
             check(len(set(values)) == len(values), f"{where}.{key}", "must be distinct")
         check(len(self.seeds) >= 2, f"{where}.seeds", "needs at least two (a paired test)")

@@ -36,9 +36,10 @@ def grid_jobs(
 ) -> list[tuple[str, SyntheticJob]]:
     """(cell label, job) for every instance x regime x hierarchy x seed of the arm, runs under `root`."""
     grid, spec = study.synthetic_grid, arm_spec(study, group, arm)
-    seeds = grid.seeds if group == "headline" else grid.selection_seeds
+    headline = group == "headline"
+    seeds = grid.seeds if headline else grid.selection_seeds
     jobs = []
-    for instance in grid.instances:
+    for instance in grid.instances if headline else grid.selection_instances:
         for regime_name, regime in grid.regimes.items():
             s, cell = cell_params(p.synthetic, instance, regime, seeds), f"m{instance}_{regime_name}"
             for h in s.hierarchies:
