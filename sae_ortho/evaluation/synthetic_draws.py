@@ -109,6 +109,11 @@ _EVAL: OrderedDict = OrderedDict()  # per process: (fingerprint, seed, n, batch)
 _EVAL_KEEP = 4  # two hierarchies, each with a reseeded draw (~130 MB each at 100k samples)
 
 
+def clear_eval_draws() -> None:
+    """Forget this process's evaluation draws (the benchmark times a cold evaluation)."""
+    _EVAL.clear()
+
+
 def eval_draw(model, fingerprint: str, rng_factory, seed: int, n: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluation samples (x, feature activations): drawn in `batch`-row chunks under a fresh
     IsolatedRng(seed), as SAELens's evaluation and the absorption figures draw them, once per process."""

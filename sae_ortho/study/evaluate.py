@@ -117,6 +117,9 @@ def pair_stability(sae_dir: Path, d_sae: int, null_draws: int = 2, seed: int = 0
     (sae_dir / "eval" / "pairs.json").write_text(
         json.dumps({"lags": table, "curve": st.lag_curve(sets, nulls)}, indent=1) + "\n"
     )
-    return {f"jaccard_lag_{name}": row["jaccard"] for name, row in table.items()} | {
-        f"null_lag_{name}": row["null"] for name, row in table.items()
-    }
+    # The curve goes into the committed metrics too: the report reads only committed files.
+    return (
+        {f"jaccard_lag_{name}": row["jaccard"] for name, row in table.items()}
+        | {f"null_lag_{name}": row["null"] for name, row in table.items()}
+        | {"curve": st.lag_curve(sets, nulls)}
+    )

@@ -25,7 +25,6 @@ from sae_ortho.study.power import paired_difference
 from sae_ortho.study.synthetic_stats import per_unit
 
 METRICS = Path("metrics/study")
-MODELS = Path("models/study")
 
 # LM figures compared with the baseline over SAE seeds (secondary; first-letter absorption has one seed)
 LM_COMPARED = ("first_letter_absorption", "probing_top_1", "probing_top_5", "fvu", "ce_recovered")

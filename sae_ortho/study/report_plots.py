@@ -2,42 +2,54 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from sae_ortho.base.plots import plt, save_png
-from sae_ortho.study.report import MODELS, StudyResults, lm_figures, synthetic_per_seed
+from sae_ortho.study.report import StudyResults, lm_figures, synthetic_per_seed
 
 
-def _schedule(settings: dict) -> str:
-    if settings.get("penalty") == "none":
+def _schedule(name: str, settings: dict) -> str | None:
+    """The top-k arms' schedule, "baseline" for the baseline; None for the other remedies (not tau curves)."""
+    if name == "baseline":
         return "baseline"
+    if settings.get("penalty", "topk") != "topk" or settings.get("matryoshka"):
+        return None
     return settings.get("schedule") or "fixed"
 
 
+def final_tau(pair: dict, source: str) -> float:
+    if source == "lm":
+        return pair["lm"]["train"]["tau"]
+    taus = [t for c in pair["synthetic"]["cells"].values() for h in c.values() for t in h["tau"]["per_seed"]]
+    return float(np.mean(taus))
+
+
 def absorption_vs_tau(r: StudyResults, path: Path) -> None:
-    """Synthetic (ground-truth) absorption and the cost (cheap LM SAE's held-out FVU) of the sweep arms
-    against tau, per schedule; adaptive and decaying arms sit at their final tau. The baseline is a
-    horizontal line."""
+    """The declared primary measure (synthetic) and the cost (cheap LM SAE's held-out FVU) of the top-k sweep
+    arms against tau, per schedule; adaptive and decaying arms sit at their own runs' final tau (synthetic
+    runs' on the left, the LM run's on the right). The baseline is a horizontal line."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = (
-        ("synthetic", "synthetic absorption (mean of hierarchies)"),
+        ("synthetic", "synthetic absorption (declared primary, pooled)"),
         ("lm", "FVU, held-out (cheap LM SAEs)"),
     )
     for ax, (source, label) in zip(axes, panels, strict=True):
         by_schedule: dict[str, list[tuple[float, float]]] = {}
-        for pair in r.sweep.values():
+        for name, pair in r.sweep.items():
             if not pair.get("lm") or not pair.get(source):
                 continue
             m = pair["lm"]
+            schedule = _schedule(name, m["settings"])
+            if schedule is None:
+                continue
             y = float(np.mean(synthetic_per_seed(pair["synthetic"]))) if source == "synthetic" else m["core"]["fvu"]
-            schedule = _schedule(m["settings"])
             if schedule == "baseline":
                 ax.axhline(y, color="gray", ls="--", label="baseline")
                 continue
-            tau = m["settings"]["tau"] if schedule == "fixed" else m["train"]["tau"]
+            # adaptive / decay: the final tau of the runs plotted (synthetic runs' own, not the LM run's)
+            tau = m["settings"]["tau"] if schedule == "fixed" else final_tau(pair, source)
             by_schedule.setdefault(schedule, []).append((tau, y))
         for schedule, points in sorted(by_schedule.items()):
             points.sort()
@@ -104,11 +116,10 @@ def jaccard_vs_lag(r: StudyResults, path: Path) -> None:
     """Kept-pair Jaccard against lag (in logged steps) from the headline runs' pair logs, with the
     degree-preserving null, for the arms that log pairs."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in r.study.headline_arms:
-        curve_file = MODELS / "headline" / f"{arm}_s{r.study.headline_seeds[0]}" / "eval" / "pairs.json"
-        if not curve_file.exists():
+    for arm, runs in r.headline.items():
+        curve = (runs[0].get("pair_stability") or {}).get("curve")
+        if curve is None:
             continue
-        curve = json.loads(curve_file.read_text())["curve"]
         (line,) = ax.plot(curve["lag"], curve["jaccard"], "o-", label=arm)
         ax.plot(curve["lag"], curve["null"], "--", color=line.get_color(), alpha=0.6, label=f"{arm} null")
     ax.set(xscale="log", xlabel="lag (logs of the pair set)", ylabel="mean Jaccard", ylim=(0, None))
