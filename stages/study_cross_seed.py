@@ -37,8 +37,12 @@ def main() -> None:
         sys.exit(f"error: {args.arm!r} is not a headline arm ({', '.join(study.headline_arms)})")
     dirs = {s: MODELS / f"{args.arm}_s{s}" for s in study.headline_seeds}
     missing = [str(d) for d in dirs.values() if not (d / CONFIG_FILE).exists()]
-    if missing or len(dirs) < 2:
-        sys.exit(f"error: cross-seed matching needs >= 2 trained seeds; missing: {', '.join(missing) or 'seeds'}")
+    if missing:
+        sys.exit(f"error: missing trained SAEs: {', '.join(missing)} (run their lm_headline stages)")
+    if len(dirs) < 2:  # nothing to match: a record that says so, not a failed stage
+        skipped = {"arm": args.arm, "seeds": list(dirs), "skipped": "one headline seed: nothing to match", "pairs": []}
+        atomic_write_text(OUT / f"{args.arm}.json", json.dumps(skipped, indent=2) + "\n")
+        return
     t0 = time.perf_counter()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -57,6 +57,14 @@ def matryoshka_loss(
     return torch.stack(losses).sum() if summed else torch.stack(losses).mean()
 
 
+THRESHOLD_BETA = 0.999  # Bussmann et al.'s running estimate of the smallest kept pre-activation
+
+
+def batchtopk_threshold(old: float, smallest_kept: float, step: int) -> float:
+    """BatchTopK's inference threshold: an exponential average of each batch's smallest kept activation."""
+    return smallest_kept if step == 0 else THRESHOLD_BETA * old + (1 - THRESHOLD_BETA) * smallest_kept
+
+
 def lr_at(step: int, t: params_mod.TrainParams) -> float:
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
@@ -75,15 +83,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.source = as_source(data, t)
         scale = math.sqrt(self.source.d_in) / self.source.norm_mean if t.normalize_inputs else 1.0
-        sae_cfg = SAEConfig(
-            d_in=self.source.d_in,
-            d_sae=t.d_sae,
-            architecture=t.architecture,
-            k=t.k,
-            input_scale=scale,
-            model_name=model_name,
-            hook_name=hook_name,
-        )
+        names = {"model_name": model_name, "hook_name": hook_name}
+        sae_cfg = SAEConfig(self.source.d_in, t.d_sae, t.architecture, t.k, input_scale=scale, **names)
         self.sae = SAE(sae_cfg, seed=cfg.seed)
         self.batches = self.source.stream(t.batch_size, cfg.seed)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=(0.9, 0.999))
@@ -132,14 +133,6 @@ class Trainer:
             ctx["pre"] = pre_grad
         return ActiveCodes(rows, cols, offsets, values), x_hat, ctx
 
-    THRESHOLD_BETA = 0.999  # Bussmann et al.'s running estimate of the smallest kept pre-activation
-
-    def _update_threshold(self, smallest_kept: float) -> None:
-        """BatchTopK's inference threshold: an exponential average of each batch's smallest kept activation."""
-        old = self.sae.cfg.threshold
-        new = smallest_kept if self.step == 0 else self.THRESHOLD_BETA * old + (1 - self.THRESHOLD_BETA) * smallest_kept
-        self.sae.cfg = replace(self.sae.cfg, threshold=new)
-
     def aux_k_loss(self, ctx: dict, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual."""
         sae, pre = self.sae, ctx["pre"]
@@ -171,7 +164,8 @@ class Trainer:
             parts["matryoshka"] = loss.item()
         active = codes.values.detach() > 0
         if t.architecture == "batchtopk" and active.any():
-            self._update_threshold(float(codes.values.detach()[active].min()))
+            smallest = float(codes.values.detach()[active].min())
+            sae.cfg = replace(sae.cfg, threshold=batchtopk_threshold(sae.cfg.threshold, smallest, self.step))
         with torch.no_grad():
             self.silent_tokens += len(x)
             self.silent_tokens[codes.cols[active]] = 0
