@@ -54,7 +54,9 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
     (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     ran = reproduced(repo_copy, "study/dvc.yaml")
     study_ran = [s for s in ran if s.startswith("study/")]
-    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 2 + 1 + 3 + 1 + 1, ran
+    # sweep (2 x 3), select, ablation (2), synthetic headline (2) + control, LM headline (3), cross-seed (3),
+    # scaling, report
+    assert "study/dvc.yaml:report" in ran and len(study_ran) == 3 * 2 + 1 + 2 + 2 + 1 + 3 + 3 + 1 + 1, ran
     assert {"extract", "llm_cache", "letter_cache"} <= set(ran) and "train" not in ran  # only what it reads
     status = run([sys.executable, "-m", "dvc", "status", "study/dvc.yaml", "--json"], repo_copy)
     assert json.loads(status.stdout) == {}
@@ -83,6 +85,8 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
     assert best["settings"]["tau"] == chosen["settings"]["tau"] and best["train"]["penalty_overhead"] > 0
     control = json.loads((repo_copy / "metrics/study/headline/control_s0.json").read_text())
     assert control["settings"]["penalty"] == "random" and control["pair_stability"] is not None
+    cross = json.loads((repo_copy / "metrics/study/cross_seed/best.json").read_text())
+    assert cross["skipped"] and cross["pairs"] == [], cross  # one LM seed here: nothing to match, said so
     report = (repo_copy / "metrics/report.md").read_text()
     assert f"Selected for topk: **{chosen['selected']}**" in report and "Which differences" in report
     assert "## The declared test" in report
