@@ -11,6 +11,7 @@ the evaluation, and the whole run as the stage does it; at d_sae = number of fea
 from __future__ import annotations
 
 import json
+import os
 import platform
 import tempfile
 import time
@@ -23,6 +24,7 @@ import torch
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.paths import CACHE_ENV
 from sae_ortho.evaluation import synthetic_draws as draws
 from sae_ortho.evaluation.synthetic import SyntheticSource, build_model, evaluate, parent_child_pairs
 from sae_ortho.evaluation.synthetic_arms import single_thread, synthetic_run_config
@@ -104,6 +106,7 @@ def main() -> None:
     n = h.num_features
     rows = []
     with single_thread(), tempfile.TemporaryDirectory() as tmp:
+        os.environ[CACHE_ENV] = str(Path(tmp) / "cache")  # an empty draw cache: the one-off draw is timed too
         for d_sae, k in ((n, 7), (2 * n, 5)):  # the study's regimes (study/params.yaml synthetic_grid)
             for arm in ("baseline", "ortho"):
                 work = Path(tmp) / f"{arm}_{d_sae}"
