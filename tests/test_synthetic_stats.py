@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sae_ortho.base.study_params import Measures
+from sae_ortho.study.report_synthetic import findings
 from sae_ortho.study.synthetic_stats import decide, per_unit, reseed_noise
 from tests.test_study import study
 
@@ -42,6 +43,12 @@ def test_planted_reduction_counts_noise_and_forgotten_parents_do_not():
     assert arms["best"]["verdict"] == "reduces absorption" and arms["best"][MEASURES.primary]["relative"] < -0.25
     assert arms["control"]["verdict"] == "not distinguishable from the baseline"
     assert arms["ortsae"]["verdict"] == "forgets parents" and not arms["ortsae"]["reduces_absorption"]
+    # A significant rise is reported as one, never as "below the smallest effect".
+    worse = decide(study(measures=MEASURES), headline | {"control": synthetic(base_p + 0.1, np.full(8, 0.9))})
+    assert worse["arms"]["control"]["verdict"] == "increases absorption"
+    lines = findings(out, MEASURES.primary, MEASURES.guard)
+    assert any(line.startswith("- **best: reduces absorption.** Evidence: paired difference -0.15") for line in lines)
+    assert any("control: not distinguishable" in line and "MDE" in line for line in lines)
     # 2 instances x 8 seeds paired units; the power at the smallest effect is high for the tight planted arm.
     assert arms["best"][MEASURES.primary]["n"] == 16
     assert arms["best"]["power"]["power_reached"] > 0.99 and arms["best"]["power"]["units_needed"] <= 16

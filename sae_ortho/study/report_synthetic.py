@@ -40,6 +40,31 @@ def by_slice(arm: dict, base: dict, measure: str) -> dict[str, dict]:
     return {k: paired_difference(as_array(a), as_array(b)) for k, (a, b) in sorted(pairs.items())}
 
 
+def findings(d: dict, primary: str, guard: str) -> list[str]:
+    """Per tested arm: the finding, its evidence, and what result would have changed it."""
+    out = ["", "### Findings, their evidence, and what would change them", ""]
+    for arm, row in d["arms"].items():
+        if not row["in_family"]:
+            continue
+        p, g, pw = row[primary], row[guard], row.get("power", {})
+        evidence = (
+            f"paired difference {num(p['mean'])} {_ci(p['ci95'])} ({num(p['relative'], 3)} relative), "
+            f"p {num(p['p'])}, Holm {'rejects' if row['holm_rejects'] else 'does not reject'}; "
+            f"guard {num(g['mean'])}"
+        )
+        mde = num(pw.get("minimum_detectable_effect"))
+        change = {
+            "reduces absorption": "a guard drop beyond the declared limit, or a CI reaching the smallest effect",
+            "forgets parents": "a guard within the declared limit at the same effect",
+            "increases absorption": "a CI that crosses zero on more seeds",
+            "below the smallest effect": "a relative reduction reaching the smallest effect",
+            "not distinguishable from the baseline": f"a true effect of at least {mde} (the 80%-power MDE) would "
+            "most likely have been detected; a smaller one is not excluded",
+        }[row["verdict"]]
+        out.append(f"- **{arm}: {row['verdict']}.** Evidence: {evidence}. Would change with: {change}.")
+    return out
+
+
 def declared_sections(r: StudyResults) -> list[str]:
     if "baseline" not in r.synthetic_headline:
         return []
@@ -71,6 +96,7 @@ def declared_sections(r: StudyResults) -> list[str]:
             num(pw.get("minimum_detectable_effect")), f"**{row['verdict']}**" if row["in_family"] else row["verdict"],
         ])  # fmt: skip
     out += table(head, rows)
+    out += findings(d, m.primary, m.guard)
     out += ["", "### Secondary and cost measures (pooled paired differences, not tested)", ""]
     names = [n for n in dict.fromkeys([*m.secondary, *m.cost]) if n != m.primary]
     out += table(

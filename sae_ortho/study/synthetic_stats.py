@@ -139,6 +139,7 @@ def decide(study: StudyParams, headline: dict[str, dict]) -> dict:
         row["verdict"] = (
             "reduces absorption" if row["reduces_absorption"]
             else "forgets parents" if row["holm_rejects"] and big_enough
+            else "increases absorption" if row["holm_rejects"] and primary["mean"] > 0
             else "below the smallest effect" if row["holm_rejects"]
             else "not distinguishable from the baseline"
         )  # fmt: skip
