@@ -203,3 +203,24 @@ def test_plots_page_is_offline_and_its_specs_render(repo_copy, tmp_path):
             timeout=120,
         )
         assert matplotlib.image.imread(shot)[..., :3].std() > 0.05, "the page rendered blank"
+
+
+def test_remote_round_trip_into_a_fresh_clone(repo_copy, tmp_path):
+    """README "Sharing results across machines": push the cache to a remote (a local directory standing in for
+    S3 or GCS), clone the git repository afresh, pull: every output is back, `dvc status` is clean and
+    `dvc repro` reruns nothing."""
+    dvc = [sys.executable, "-m", "dvc"]
+    remote = tmp_path / "remote"
+    run([*dvc, "remote", "add", "-d", "shared", str(remote)], repo_copy)
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "commit", "-qm", "results and remote"], repo_copy)
+    pushed = run([*dvc, "push"], repo_copy).stdout
+    assert any(remote.rglob("*")) and "pushed" in pushed, pushed
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
+    assert not (clone / "models/ortho/cfg.json").exists()  # outputs are not in git
+    run([*dvc, "pull", "dvc.yaml"], clone)  # the default pipeline (a bare `dvc pull` wants the study's outputs too)
+    for out in ("models/ortho/cfg.json", "data/activations/manifest.json", "data/heldout/manifest.json"):
+        assert (clone / out).read_bytes() == (repo_copy / out).read_bytes(), out
+    assert json.loads(run([*dvc, "status", "dvc.yaml", "--json"], clone).stdout) == {}
+    assert "Running stage" not in run([*dvc, "repro", "dvc.yaml"], clone).stdout
