@@ -75,7 +75,7 @@ def test_trained_sae_reconstructs_sparsely(shards, tmp_path, architecture):
     assert fvu < 0.6
     if architecture == "batchtopk":  # inference by the learned threshold keeps about k latents per token
         assert sae.cfg.threshold > 0
-        assert 6 <= float((sae.encode(x) > 0).sum(1).float().mean()) <= 10  # k 8 (an EMA from step 0 gave ~2)
+        assert 6 <= float((sae.encode(x) > 0).sum(1).float().mean()) <= 10  # k 8 (the old EMA gave 11.4 here)
 
 
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
