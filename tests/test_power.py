@@ -38,3 +38,9 @@ def test_paired_difference_sees_what_welch_misses():
     assert paired["p"] < 0.01 and paired["ci95"][1] < 0
     assert stats.ttest_ind(arm, base, equal_var=False).pvalue > 0.05
     assert paired_difference(np.array([0.5]), np.array([0.4]))["p"] is None  # one seed: no test
+
+
+def test_power_is_finite_when_the_effect_dwarfs_the_noise():
+    """scipy's nct.cdf gives NaN at df 23, nc 8.8 (the study's 24 units); the power must read ~1."""
+    assert paired_power(24, 0.04, 0.0721, 0.0125) == pytest.approx(1.0, abs=1e-6)
+    assert all(np.isfinite(paired_power(24, sd, 0.07, 0.0125)) for sd in np.linspace(0.005, 0.2, 40))

@@ -34,7 +34,9 @@ def paired_power(n: int, sd_diff: float, effect: float, alpha: float) -> float:
         return 0.0
     df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
     nc = abs(effect) / (sd_diff / np.sqrt(n))
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    # The lower tail P(T < -crit) as the upper tail of -T ~ nct(df, -nc): scipy's nct.cdf returns NaN
+    # for some large nc (e.g. df 23, nc 8.8), where this is a clean 0.
+    return float(stats.nct.sf(crit, df, nc) + stats.nct.sf(crit, df, -nc))
 
 
 def seeds_for_power(sd_diff: float, effect: float, alpha: float, power: float, max_seeds: int = 1000) -> int:
