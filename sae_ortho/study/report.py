@@ -105,7 +105,7 @@ class StudyResults:
 
 def lm_figures(m: dict) -> dict[str, float | None]:
     """The per-run LM figures of one metrics file (None where the run has no such figure: the cheap
-    sweep SAEs have no absorption, only the first headline seed has probing)."""
+    sweep SAEs have no absorption or probing; first-letter absorption runs on the first headline seed only)."""
     absorption, probing = m.get("absorption") or {}, m.get("probing") or {}
     pairs = m.get("pair_stability") or {}
     return {
@@ -155,10 +155,11 @@ def headline_table(r: StudyResults) -> dict[str, dict[str, dict]]:
             )
             if (ms := mean_std(values)) is not None:
                 row[key] = {"mean": ms[0], "std": ms[1], "n": ms[2], "values": [v for v in values if v is not None]}
-        if runs:
-            row["first_letter_meaningful"] = {"all": all(run["first_letter_meaningful"] for run in runs)}
-            row["first_letter_reseed"] = {"mean": float(np.mean([run["first_letter_reseed"] or 0 for run in runs]))}
-            row["letters_carried"] = {"values": [run["letters_carried"] for run in runs]}
+        lettered = [run for run in runs if run["first_letter_meaningful"] is not None]  # the seeds it ran on
+        if lettered:
+            row["first_letter_meaningful"] = {"all": all(run["first_letter_meaningful"] for run in lettered)}
+            row["first_letter_reseed"] = {"mean": float(np.mean([run["first_letter_reseed"] or 0 for run in lettered]))}
+            row["letters_carried"] = {"values": [run["letters_carried"] for run in lettered]}
         table[arm] = row
     return table
 

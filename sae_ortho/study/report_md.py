@@ -111,9 +111,9 @@ def _headline(r: StudyResults) -> list[str]:
         f"## Headline ({len(s.headline_seeds)} SAE seeds, full size; mean ± sd over seeds)",
         "",
         f"Synthetic absorption: every headline arm on fresh training seeds {', '.join(map(str, seeds))} "
-        "(the sweep chose `best` on others). SAEBench probing: the first SAE seed only (~90 s an SAE). "
-        "(nm) marks first-letter absorption with fewer than absorption.min_carried_letters letters carried "
-        "by one latent: not meaningful.",
+        "(the sweep chose `best` on others). SAEBench probing and core metrics: every SAE seed. First-letter "
+        "absorption: the first SAE seed only; (nm) marks it where fewer than absorption.min_carried_letters "
+        "letters are carried by one latent: not meaningful.",
         "",
     ]
     keys = list(FIGURES)
