@@ -94,8 +94,13 @@ def sae_probe_results(sae, acts_dir: Path, p: Params, progress_bar: bool = True)
 def check_probing_sanity(
     result: dict, k: int = 5, chance: float = 0.5, margin: float = 0.05, llm_min: float = 0.65
 ) -> list[str]:
-    """Failures that mean a broken SAE or pipeline: SAE top-k probes at chance on a task where the
-    LLM residual's top-k probes are well above it, or any accuracy that is not a finite number."""
+    """Failures that mean a broken SAE or pipeline: on a task where the LLM residual's top-k probes are well
+    above chance, the SAE's best top-k' probe for k' <= k is at chance; or any accuracy that is not finite.
+
+    The best over k' <= k, not the top-k figure alone: sae_bench picks the top-k' latents by mean difference,
+    so they are nested, and a probe on a superset can only do as well once fitted. Its unscaled
+    LogisticRegression sometimes does worse (measured: a study SAE at top-1 0.753, top-5 0.522 on
+    code_language), which is the probe's fit, not latents that lost what the residual carries."""
     fails = []
     for d in result["eval_result_details"]:
         task = d["dataset_name"]
@@ -107,10 +112,12 @@ def check_probing_sanity(
         if not ks:
             continue
         kk = k if k in ks else max(ks)  # probing.k_values need not contain 5
-        sae, llm = d[f"sae_top_{kk}_test_accuracy"], d[f"llm_top_{kk}_test_accuracy"]
+        sae = max(d[f"sae_top_{j}_test_accuracy"] for j in ks if j <= kk)
+        llm = d[f"llm_top_{kk}_test_accuracy"]
         if abs(sae - chance) <= margin and llm > llm_min:
             fails.append(
-                f"{task}: SAE top-{kk} probe accuracy {sae:.3f} is within {margin} of chance ({chance}) while the "
-                f"LLM residual's is {llm:.3f}; the SAE latents lost what the residual carries (broken SAE or pipeline?)"
+                f"{task}: SAE top-{kk} probe accuracy (best over top-1..{kk}) {sae:.3f} is within {margin} of chance "
+                f"({chance}) while the LLM residual's is {llm:.3f}; the SAE latents lost what the residual carries "
+                "(broken SAE or pipeline?)"
             )
     return fails
