@@ -188,8 +188,15 @@ def test_efficiency_is_undefined_when_the_cost_is_noise():
     def row(d_primary: float, d_ev: float, ev_ci: list) -> dict:
         return {"p": {"mean": d_primary}, "explained_variance": {"mean": d_ev, "ci95": ev_ci}}
 
-    eff = efficiency({"noise": row(-0.1, -0.001, [-0.003, 0.001]), "real": row(-0.2, -0.02, [-0.03, -0.01])}, "p")
-    assert eff["noise"] is None
+    eff = efficiency(
+        {
+            "noise": row(-0.1, -0.001, [-0.003, 0.001]),
+            "real": row(-0.2, -0.02, [-0.03, -0.01]),
+            "no_cost": row(0.02, 0.002, [0.001, 0.003]),  # more absorption and lower FVU: not a gain of 10
+        },
+        "p",
+    )
+    assert eff["noise"] is None and eff["no_cost"] is None
     assert eff["real"] == pytest.approx(10.0)  # 0.2 of the primary removed per 0.02 of FVU added
 
 

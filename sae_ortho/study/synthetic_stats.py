@@ -88,12 +88,13 @@ def curve(syn: dict, measure: str) -> dict[int, float]:
 def efficiency(arms: dict[str, dict], primary: str) -> dict[str, float | None]:
     """Per arm, within the synthetic benchmark: the primary measure removed per unit of synthetic FVU added
     (1 - explained variance), from the pooled paired differences; None where the FVU change's 95% CI holds 0
-    (a cost within noise would make the ratio arbitrarily large)."""
+    (a cost within noise would make the ratio arbitrarily large) or where FVU fell (no cost to divide by: the
+    ratio's sign would read a gain on both counts as a loss, or a loss on both as a gain)."""
     out: dict[str, float | None] = {}
     for arm, row in arms.items():
         ev = row.get("explained_variance")
         lo, hi = ev["ci95"] if ev else (None, None)
-        if ev is None or lo is None or lo <= 0 <= hi:
+        if ev is None or lo is None or lo <= 0 <= hi or ev["mean"] > 0:
             out[arm] = None
             continue
         out[arm] = row[primary]["mean"] / ev["mean"]  # (-d primary) / (d FVU), with d FVU = -d explained variance
