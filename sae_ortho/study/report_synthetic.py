@@ -127,7 +127,9 @@ def declared_sections(r: StudyResults) -> list[str]:
     out += [
         "",
         "Efficiency within the synthetic benchmark (primary removed per unit of synthetic FVU added; n/a where "
-        "the FVU change's 95% CI holds 0 or FVU fell, so there is no cost): " + "; ".join(f"{a} {num(v, 3)}" for a, v in eff.items()) + ".",
+        "the FVU change's 95% CI holds 0 or FVU fell, so there is no cost): "
+        + "; ".join(f"{a} {num(v, 3)}" for a, v in eff.items())
+        + ".",
         "",
         f"Evaluation reseed noise of the primary (the baseline's runs on a second evaluation draw; sd per run): "
         f"{num(noise['sd'])} over {noise['n']} runs.",
