@@ -79,15 +79,18 @@ def absorption_vs_fvu(r: StudyResults, path: Path) -> None:
         # The cheap arms crowd the baseline: name the headline arms and the sweep arms that pay a cost.
         if headline or base is None or fvu > 1.25 * fvu_of(base):
             ax_syn.annotate(name.split(":")[1], (fvu, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax_syn.plot([], [], "o", color="C1", label="headline arms (fresh seeds 3-5)")
-    ax_syn.plot([], [], "o", color="C0", label="sweep and ablation arms (seeds 0-2)")
+    ax_syn.plot([], [], "o", color="C1", label="headline arms (fresh seeds)")
+    ax_syn.plot([], [], "o", color="C0", label="sweep and ablation arms (selection seeds)")
     ax_syn.legend(fontsize=7)
     ax_syn.set(xlabel="FVU (synthetic, evaluation samples)", ylabel="synthetic absorption", title="Synthetic benchmark")
-    for arm, runs in r.headline.items():
-        figs = [lm_figures(m) for m in runs]
+    for arm, runs in r.headline.items():  # first-letter absorption runs on the first seed only
+        figs = [f for f in map(lm_figures, runs) if f["first_letter_absorption"] is not None]
+        if not figs:
+            continue
         x, y = [f["fvu"] for f in figs], [f["first_letter_absorption"] for f in figs]
         ax_lm.errorbar(np.mean(x), np.mean(y), xerr=np.std(x), yerr=np.std(y), fmt="o", capsize=3, label=arm)
-    meaningful = all(m.get("absorption", {}).get("meaningful") for runs in r.headline.values() for m in runs)
+    lettered = [m["absorption"] for runs in r.headline.values() for m in runs if m.get("absorption")]
+    meaningful = all(a.get("meaningful") for a in lettered)
     title = "LM, headline arms (mean ± sd)"
     if not meaningful:
         title += "\nfirst-letter: not meaningful (< 10 letters carried)"
