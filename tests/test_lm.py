@@ -73,3 +73,54 @@ def test_model_cache_round_trip_is_exact(monkeypatch, tmp_path, model):
     assert torch.equal(model.to_tokens(text), cached.to_tokens(text))
     with torch.inference_mode():
         torch.testing.assert_close(model(model.to_tokens(text)), cached(cached.to_tokens(text)), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def local_llama_checkpoint(tmp_path_factory, model):
+    """A small random Llama-family checkpoint saved as a user's fine-tune would be (config.json + weights),
+    with the embedded model's tokenizer: the local-directory path needs no hub."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, num_hidden_layers=2,
+        max_position_embeddings=256, vocab_size=model.cfg.d_vocab, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(directory)
+    model.tokenizer.save_pretrained(directory)
+    return directory, hf
+
+
+def test_local_checkpoint_directory_computes_what_hf_computes(local_llama_checkpoint):
+    from sae_ortho.base.model_names import is_known_model, model_n_layers
+
+    directory, hf = local_llama_checkpoint
+    assert is_known_model(str(directory)) and model_n_layers(str(directory)) == 2
+    tl = load_model(str(directory))
+    tokens = tl.to_tokens("A fine-tuned checkpoint from a local directory, no hub needed.")
+    with torch.inference_mode():
+        torch.testing.assert_close(tl(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_local_checkpoint_of_another_architecture_needs_its_name(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPTNeoXForCausalLM"], "num_hidden_layers": 6}')
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1, vocab_size=50)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ModelUnavailableError, match="needs its transformer_lens architecture name"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelUnavailableError, match="holds no config.json"):
+        load_model(f"gpt2@{tmp_path / 'missing'}")
+
+
+def test_lm_dtype_and_device_are_honoured(local_llama_checkpoint):
+    directory, _ = local_llama_checkpoint
+    tl = load_model(str(directory), device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert tl.cfg.dtype is torch.bfloat16
+    assert {p.dtype for p in tl.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in tl.parameters()} == {"cpu"}
+    with torch.inference_mode():
+        assert tl(tl.to_tokens("bf16 forward")).dtype is torch.bfloat16

