@@ -116,3 +116,38 @@ def test_cuda_selection_equals_cpu():
     gpu = pairs_torch.top_coactive_pairs(*[a.cuda() for a in args], f.shape[1], budget, 4096)
     for a, b in zip(cpu, gpu, strict=True):
         assert torch.equal(a, b.cpu())
+
+
+def dense_ranked(f: torch.Tensor, fraction: float) -> list[tuple[int, int]]:
+    """The dense reference under the shared tie order: score descending, then i, then j."""
+    import numpy as np
+
+    d_sae = f.shape[1]
+    coact = (f.double().T @ f.double()).numpy()
+    i, j = np.triu_indices(d_sae, k=1)
+    s = coact[i, j]
+    keep = s > 0
+    i, j, s = i[keep], j[keep], s[keep]
+    order = np.lexsort((j, i, -s))[: pair_budget(d_sae, fraction)]
+    return list(zip(i[order].tolist(), j[order].tolist(), strict=True))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ties_are_broken_by_pair_index_in_both_selectors(threads):
+    """Integer codes make many scores equal at the K-th place: numba (any thread count), torch and the dense
+    reference keep the same pairs in the same order."""
+    import numba
+
+    gen = torch.Generator().manual_seed(11)
+    f, _ = random_codes(128, 400, 6, True, seed=5)
+    f = (f > 0).float() * torch.randint(1, 3, f.shape, generator=gen).float()  # values 1 or 2: ties everywhere
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        numba_sel = select_pairs(f, 0.001).ranked()
+    finally:
+        numba.set_num_threads(previous)
+    i, j, _ = torch_select(f, 0.001, chunk_pairs=3000)
+    expected = dense_ranked(f, 0.001)
+    assert list(zip(numba_sel.i.tolist(), numba_sel.j.tolist(), strict=True)) == expected
+    assert list(zip(i.tolist(), j.tolist(), strict=True)) == expected

@@ -108,6 +108,9 @@ class OrthoParams:
     target: float = 0.1  # adaptive tau: wanted mean |cos| of the kept pairs
     tau_lr: float = 0.05  # adaptive tau: dual-ascent step
     log_pairs_every: int = 10  # steps between saved pair selections (for the stability stage)
+    # exact pair selection: numba kernel (CPU) or torch (any device); auto = numba on CPU, torch on CUDA.
+    # Both keep the same pairs (ties: score, then i, then j; tested).
+    selector: Literal["auto", "numba", "torch"] = "auto"
 
     def validate(self, prefix: str = "ortho") -> None:
         check(0 <= self.target <= 1, f"{prefix}.target", "must be in [0, 1]")

@@ -11,7 +11,8 @@ with a dense accumulator per latent row). Rows are visited in decreasing order o
 on their best score, so once the K-th best score seen exceeds a row's bound the remaining rows
 are skipped; a first pass over the top 1/8 of rows sets a K-th best shared by all threads.
 Results are exact: a skipped row or dropped candidate provably scores below K complete scores
-already found (ties at the K-th score aside).
+already found. Ties at the K-th score go to the smallest (i, j), so the result does not depend on the
+thread count or the order candidates arrive in.
 """
 
 from __future__ import annotations
@@ -70,19 +71,32 @@ def _to_csc(indptr, cols, vals, d_sae):
 
 @nb.njit(cache=True)
 def _keep_top(out_i, out_j, out_s, n, budget):
-    """Compact the first n candidates to the `budget` largest in place; return (budget, K-th score)."""
+    """Compact the first n candidates to the `budget` best in place; return (budget, K-th score).
+
+    Best = score descending, then (i, j) ascending: a total order, so whichever part or thread a
+    candidate arrived in, the kept set is the same (pairs_torch.py uses the same order)."""
     kth = np.partition(out_s[:n].copy(), n - budget)[n - budget]
     above = 0
+    n_tied = 0
     for p in range(n):
         if out_s[p] > kth:
             above += 1
-    ties = budget - above
+        elif out_s[p] == kth:
+            n_tied += 1
+    # Of the candidates tied at the K-th score, the ones with the smallest (i, j) stay.
+    tied_key = np.empty(n_tied, np.int64)
+    t = 0
+    d = out_j[:n].max() + 1
+    for p in range(n):
+        if out_s[p] == kth:
+            tied_key[t] = out_i[p] * d + out_j[p]
+            t += 1
+    tied_key.sort()
+    last_kept = tied_key[budget - above - 1] if budget > above else -1
     w = 0
     for p in range(n):
         s = out_s[p]
-        if s > kth or (s == kth and ties > 0):
-            if s == kth:
-                ties -= 1
+        if s > kth or (s == kth and out_i[p] * d + out_j[p] <= last_kept):
             out_i[w], out_j[w], out_s[w] = out_i[p], out_j[p], s
             w += 1
     return w, kth
@@ -126,7 +140,7 @@ def _top_pairs_parts(indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, bud
         for r in range(part, len(order), n_parts):
             i = order[r]
             floor = floors.max()
-            if bound[i] <= floor:
+            if bound[i] < floor:  # a row bounded exactly at the floor may still hold a tie that wins on (i, j)
                 break
             n_touched = 0
             for q in range(colptr[i], colptr[i + 1]):
@@ -141,7 +155,7 @@ def _top_pairs_parts(indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, bud
                 j = touched[m]
                 s = acc[j]
                 acc[j] = 0.0
-                if s > floor:
+                if s >= floor:
                     out_i[part, n], out_j[part, n], out_s[part, n] = i, j, s
                     n += 1
             if n >= 2 * budget:

@@ -18,7 +18,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from sae_ortho.training import kernels
+from sae_ortho.base.device import to_numpy
+from sae_ortho.training import kernels, pairs_torch
 
 
 @dataclass
@@ -34,7 +35,8 @@ class PairSelection:
 
     def ranked(self) -> PairSelection:
         """Best first; ties by (i, j), so the order does not depend on the kernel's thread count."""
-        order = np.lexsort((self.j.numpy(), self.i.numpy(), -self.score.numpy()))
+        order = np.lexsort((to_numpy(self.j), to_numpy(self.i), -to_numpy(self.score)))
+        order = torch.from_numpy(order).to(self.i.device)
         return PairSelection(self.i[order], self.j[order], self.score[order])
 
 
@@ -68,14 +70,28 @@ def codes_to_csr(f: torch.Tensor, topk_indices: torch.Tensor | None = None) -> s
 
 
 def select_pairs_csr(
-    offsets: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, d_sae: int, fraction: float
+    offsets: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor,
+    d_sae: int,
+    fraction: float,
+    selector: str = "auto",
 ) -> PairSelection:
     """Top `fraction` of feature pairs by batch co-activation, from CSR codes (token b's active
-    latents are cols[offsets[b]:offsets[b+1]]; nonpositive values are not active)."""
-    i, j, score = kernels.top_coactive_pairs(
-        offsets.numpy(), cols.numpy(), values.detach().numpy(), d_sae, pair_budget(d_sae, fraction)
+    latents are cols[offsets[b]:offsets[b+1]]; nonpositive values are not active). `selector`: numba
+    (kernels.py, CPU), torch (pairs_torch.py, the codes' device) or auto (numba on CPU, torch elsewhere);
+    both keep the same pairs, ties broken by (i, j)."""
+    budget = pair_budget(d_sae, fraction)
+    if selector == "torch" or (selector == "auto" and values.device.type != "cpu"):
+        i, j, score = pairs_torch.top_coactive_pairs(offsets, cols, values.detach(), d_sae, budget)
+        return PairSelection(i, j, score.float())
+    i, j, score = kernels.top_coactive_pairs(to_numpy(offsets), to_numpy(cols), to_numpy(values), d_sae, budget)
+    device = values.device
+    return PairSelection(
+        torch.from_numpy(i).to(device),
+        torch.from_numpy(j).to(device),
+        torch.from_numpy(score.astype(np.float32)).to(device),
     )
-    return PairSelection(torch.from_numpy(i), torch.from_numpy(j), torch.from_numpy(score.astype(np.float32)))
 
 
 def select_pairs(f: torch.Tensor, fraction: float, topk_indices: torch.Tensor | None = None) -> PairSelection:
@@ -124,7 +140,10 @@ def select_pairs_dense(f: torch.Tensor, fraction: float) -> PairSelection:
 
 
 def pair_cosines(w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """w_i . w_j per pair, without gathering [K, d_in] copies of the rows. No autograd."""
+    """w_i . w_j per pair, without gathering [K, d_in] copies of the rows. No autograd. numba on CPU,
+    torch (in chunks) on other devices."""
+    if w_dec.device.type != "cpu":
+        return pairs_torch.pair_dots(w_dec.detach(), i, j)
     return torch.from_numpy(kernels.pair_dots(w_dec.detach().numpy(), i.numpy(), j.numpy()))
 
 
@@ -150,6 +169,9 @@ def add_ortho_grad_(
 ):
     """grad += weight * d/dW mean_p cos_p^2 over pairs (i_p, j_p), in place: the trainer's fast path
     (no autograd, no second d_sae x d_in buffer). d/dw_i of cos_ij^2 = 2 cos_ij w_j, and for w_j."""
+    if grad.device.type != "cpu":
+        pairs_torch.add_pair_grad_(grad, w_dec.detach(), i, j, (weight * 2.0 / len(cos)) * cos)
+        return
     coef = (weight * 2.0 / len(cos)) * cos.numpy()
     kernels.add_pair_grad(grad.numpy(), w_dec.detach().numpy(), i.numpy(), j.numpy(), coef)
 

@@ -89,11 +89,12 @@ class TopKCoactivation(DecoderPenalty):
 
     name = "topk_coactivation"
 
-    def __init__(self, fraction: float):
+    def __init__(self, fraction: float, selector: str = "auto"):
         self.fraction = fraction
+        self.selector = selector
 
     def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
-        pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, self.fraction)
+        pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, self.fraction, self.selector)
         value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
         return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
 

@@ -37,7 +37,7 @@ class RunConfig:
         if not self.uses_ortho:
             return None
         if self.penalty == "topk":
-            return TopKCoactivation(self.topk_fraction)
+            return TopKCoactivation(self.topk_fraction, self.ortho.selector)
         if self.penalty == "random":
             return RandomPairs(self.topk_fraction, seed=self.seed)
         if self.penalty == "ortsae":
