@@ -309,3 +309,22 @@ def test_study_penalties_train_and_lower_what_they_target(shards, tmp_path, pena
     metrics, arm = run(RunConfig(TINY, seed=0, tau=5.0, penalty=penalty, ortsae_chunk=64), shards, tmp_path, "a")
     assert (tmp_path / "a" / "pairs.parquet").exists() and metrics["fvu"] < 1
     assert decoder_similarity(arm)[penalty] < 0.9 * decoder_similarity(base)[penalty]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        RunConfig(replace(TINY, train_tokens=128 * 12), seed=0, tau=0.5),
+        RunConfig(replace(TINY, train_tokens=128 * 12, architecture="batchtopk"), seed=0, tau=0.5, penalty="random"),
+        RunConfig(replace(TINY, train_tokens=128 * 12, architecture="relu", l1_coeff=1e-3), 0, 0.5, penalty="ortsae"),
+    ],
+    ids=["topk", "batchtopk-random", "relu-ortsae"],
+)
+def test_training_allocates_nothing_on_the_default_device(shards, tmp_path, cfg):
+    """Every tensor of a run is placed on the run's device explicitly: with the default device set to
+    "meta", a stray `torch.zeros(...)` would be a meta tensor and the first op mixing it with the CPU
+    run's tensors would fail. The run matches the same run without the default device set."""
+    with torch.device("meta"):
+        metrics, sae = run(cfg, shards, tmp_path, "meta", device=torch.device("cpu"))
+    _, reference = run(cfg, shards, tmp_path, "reference")
+    assert metrics["steps"] == 12 and same_weights(sae, reference)

@@ -21,7 +21,7 @@ def shuffled_batches(
     `buffer_shards` shards (plus the previous buffer's remainder). Deterministic given `seed`;
     at most `buffer_shards + 1` shards are in memory."""
     rng = np.random.default_rng(seed)
-    leftover = torch.empty(0, shards.d_in, dtype=torch.float32)
+    leftover = torch.empty(0, shards.d_in, dtype=torch.float32, device="cpu")  # host-side: batches move later
     while True:  # epochs
         order = rng.permutation(len(shards))
         for start in range(0, len(order), buffer_shards):

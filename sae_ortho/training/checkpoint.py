@@ -61,7 +61,8 @@ def load_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> bool
     if not path.exists():
         return False
     try:
-        state = torch.load(path, weights_only=True)
+        # On the CPU first: the RNG state must stay there; load_state_dict moves weights and Adam's moments.
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:  # format 1 held numpy arrays
         state = {}
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -72,7 +73,7 @@ def load_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> bool
     trainer.sae.load_state_dict(state["sae"])
     trainer.opt.load_state_dict(state["opt"])
     trainer.step, trainer.tau.tau = state["step"], state["tau"]
-    trainer.silent_tokens, trainer.history = state["silent_tokens"], state["history"]
+    trainer.silent_tokens, trainer.history = state["silent_tokens"].to(trainer.device), state["history"]
     trainer.tau_trace = state["tau_trace"]
     trainer.sae.cfg = replace(trainer.sae.cfg, threshold=state["threshold"])
     trainer.pair_log = [{k: v.numpy() for k, v in rows.items()} for rows in state["pair_log"]]

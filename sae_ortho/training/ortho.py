@@ -179,7 +179,7 @@ def add_ortho_grad_(
 def ortho_terms(w_dec: torch.Tensor, pairs: PairSelection) -> tuple[float, float, torch.Tensor]:
     """(mean cos^2, mean |cos|, cos) of the kept pairs, without autograd (see add_ortho_grad_)."""
     if len(pairs) == 0:
-        return 0.0, 0.0, torch.zeros(0)
+        return 0.0, 0.0, torch.zeros(0, device=w_dec.device)
     cos = pair_cosines(w_dec, pairs.i, pairs.j)
     return float((cos.double() ** 2).mean()), float(cos.abs().double().mean()), cos
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sae_ortho.base.device import to_numpy
 from sae_ortho.training.ortho import (
     PairSelection,
     add_ortho_grad_,
@@ -55,10 +56,10 @@ class DecoderPenalty:
             pair_cos = (w_dec[ranked.i] * w_dec[ranked.j]).sum(-1)
         return {
             "step": np.full(len(ranked), step, dtype=np.int32),
-            "i": ranked.i.numpy().astype(np.int32),
-            "j": ranked.j.numpy().astype(np.int32),
-            "score": ranked.score.numpy(),
-            "cos": pair_cos.numpy().astype(np.float32),
+            "i": to_numpy(ranked.i).astype(np.int32),
+            "j": to_numpy(ranked.j).astype(np.int32),
+            "score": to_numpy(ranked.score),
+            "cos": to_numpy(pair_cos).astype(np.float32),
         }
 
     def state_dict(self) -> dict:
@@ -117,9 +118,8 @@ class RandomPairs(SeededPenalty):
             keep = i != j
             ids = np.unique(np.concatenate([ids, pair_id(i[keep], j[keep], d_sae)]))
         ids = self.rng.permutation(ids)[:budget]
-        pairs = PairSelection(
-            torch.from_numpy(ids // d_sae), torch.from_numpy(ids % d_sae), torch.zeros(budget, dtype=torch.float32)
-        )
+        ids = torch.from_numpy(ids).to(w_dec.device)  # drawn on the CPU: the same pairs on any device
+        pairs = PairSelection(ids // d_sae, ids % d_sae, torch.zeros(budget, dtype=torch.float32, device=w_dec.device))
         value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
         return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
 
@@ -138,7 +138,7 @@ class OrtSAEChunks(SeededPenalty):
         self.chunk_size = chunk_size
 
     def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
-        order = torch.from_numpy(self.rng.permutation(d_sae))
+        order = torch.from_numpy(self.rng.permutation(d_sae)).to(w_dec.device)
         firsts, partners = [], []
         with torch.no_grad():
             for chunk in order.split(self.chunk_size):
@@ -149,14 +149,15 @@ class OrtSAEChunks(SeededPenalty):
                 firsts.append(chunk)
                 partners.append(chunk[gram.abs().argmax(1)])
         if not firsts:
-            return PenaltyTerms(0.0, {"ortho": 0.0, "mean_abs_cos": 0.0, "n_pairs": 0}, _no_pairs(), torch.zeros(0))
+            none = _no_pairs(w_dec.device)
+            return PenaltyTerms(0.0, {"ortho": 0.0, "mean_abs_cos": 0.0, "n_pairs": 0}, none, none.score)
         i, j = torch.cat(firsts), torch.cat(partners)
-        pairs = PairSelection(i, j, torch.zeros(len(i), dtype=torch.float32))
+        pairs = PairSelection(i, j, torch.zeros(len(i), dtype=torch.float32, device=w_dec.device))
         value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
         pairs.score = (cos**2).float()  # the log ranks pairs by the penalty they carry
         return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
 
 
-def _no_pairs() -> PairSelection:
-    empty = torch.zeros(0, dtype=torch.int64)
-    return PairSelection(empty, empty, torch.zeros(0, dtype=torch.float32))
+def _no_pairs(device: torch.device) -> PairSelection:
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    return PairSelection(empty, empty, torch.zeros(0, dtype=torch.float32, device=device))

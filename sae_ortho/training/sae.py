@@ -41,14 +41,16 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
-        gen = torch.Generator().manual_seed(seed)
-        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        # Initialised on the CPU whatever the device: the same seed gives the same weights everywhere.
+        cpu = torch.device("cpu")
+        gen = torch.Generator(cpu).manual_seed(seed)
+        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen, device=cpu)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         # Tied init (encoder = decoder transpose) is the common start for both architectures.
         self.W_dec = nn.Parameter(w_dec)
         self.W_enc = nn.Parameter(w_dec.T.clone())
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, device=cpu))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=cpu))
 
     def pre_acts(self, x_scaled: torch.Tensor) -> torch.Tensor:
         return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
@@ -92,7 +94,7 @@ class SAE(nn.Module):
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
-            save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp / STATE_FILE))
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp / STATE_FILE))
             self.to_saelens().save_model(tmp)
 
     @classmethod

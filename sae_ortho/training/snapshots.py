@@ -23,7 +23,7 @@ def save_snapshot(sae, directory: Path, step: int) -> None:
     from safetensors.torch import save_file
 
     with atomic_file(directory / f"step_{step}.safetensors") as tmp:
-        save_file({k: getattr(sae, k).detach().half().contiguous() for k in SNAPSHOT_KEYS}, str(tmp))
+        save_file({k: getattr(sae, k).detach().half().cpu().contiguous() for k in SNAPSHOT_KEYS}, str(tmp))
 
 
 def collect_snapshots(directory: Path, out: Path, steps: set[int]) -> None:

@@ -40,15 +40,21 @@ class ActiveCodes:
 
 
 def topk_pattern(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None):
-    """(rows, cols, offsets) of each row's k largest pre-activations (among `allowed` latents)."""
+    """(rows, cols, offsets) of each row's k largest pre-activations (among `allowed` latents), each row's
+    columns ascending. CPU: the numba row kernel (ties: earliest column); other devices: torch.topk, whose
+    choice among exactly tied scores is unspecified."""
+    device = pre.device
     with torch.no_grad():
         scores = pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))
-        out = np.empty((len(pre), k), dtype=np.int64)
-        kernels.topk_rows(scores.contiguous().numpy(), k, out)
-        cols = torch.from_numpy(out).reshape(-1)
+        if device.type == "cpu":
+            out = np.empty((len(pre), k), dtype=np.int64)
+            kernels.topk_rows(scores.contiguous().numpy(), k, out)
+            cols = torch.from_numpy(out).reshape(-1)
+        else:
+            cols = torch.topk(scores, k, dim=1, sorted=False).indices.sort(dim=1).values.reshape(-1)
     batch = len(pre)
-    rows = torch.arange(batch).repeat_interleave(k)
-    return rows, cols, torch.arange(0, batch * k + 1, k)
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    return rows, cols, torch.arange(0, batch * k + 1, k, device=device)
 
 
 def batch_topk_pattern(pre: torch.Tensor, k: int):
@@ -56,7 +62,7 @@ def batch_topk_pattern(pre: torch.Tensor, k: int):
     with torch.no_grad():
         flat = torch.topk(pre.reshape(-1), k * len(pre), sorted=False).indices.sort().values
         rows, cols = flat // pre.shape[1], flat % pre.shape[1]
-        offsets = torch.zeros(len(pre) + 1, dtype=torch.long)
+        offsets = torch.zeros(len(pre) + 1, dtype=torch.long, device=pre.device)
         offsets[1:] = torch.bincount(rows, minlength=len(pre)).cumsum(0)
     return rows, cols, offsets
 
@@ -65,7 +71,7 @@ def positive_pattern(pre: torch.Tensor):
     """(rows, cols, offsets) of the positive pre-activations (the ReLU's active set), row-major."""
     with torch.no_grad():
         rows, cols = (pre > 0).nonzero(as_tuple=True)
-        offsets = torch.zeros(len(pre) + 1, dtype=torch.long)
+        offsets = torch.zeros(len(pre) + 1, dtype=torch.long, device=pre.device)
         offsets[1:] = torch.bincount(rows, minlength=len(pre)).cumsum(0)
     return rows, cols, offsets
 
@@ -87,7 +93,7 @@ class _GatherPreActs(torch.autograd.Function):
         x_centred, W_enc, rows, cols = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         order = torch.argsort(cols, stable=True)
-        crow = torch.zeros(d_sae + 1, dtype=torch.long)
+        crow = torch.zeros(d_sae + 1, dtype=torch.long, device=cols.device)
         crow[1:] = torch.bincount(cols, minlength=d_sae).cumsum(0)
         g = grad.contiguous()
         with warnings.catch_warnings():
@@ -96,7 +102,7 @@ class _GatherPreActs(torch.autograd.Function):
             warnings.simplefilter("ignore", UserWarning)
             by_latent = torch.sparse_csr_tensor(crow, rows[order], g[order], (d_sae, len(x_centred)))
         grad_w_enc = (by_latent @ x_centred).T
-        grad_b_enc = torch.zeros(d_sae, dtype=g.dtype).index_add_(0, cols, g)
+        grad_b_enc = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         grad_b_dec = -(W_enc @ grad_b_enc)
         return None, None, grad_w_enc, grad_b_enc, grad_b_dec, None, None
 
@@ -126,5 +132,7 @@ def dense_pre_acts(pre, x_centred, W_enc, b_enc, b_dec) -> torch.Tensor:
 
 
 def decode_active(cols: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor):
-    """sum over a token's active latents of value * W_dec row, without the bias."""
+    """sum over a token's active latents of value * W_dec row, without the bias. On CUDA, embedding_bag's
+    backward and index_add_ accumulate with atomics: W_dec's and b_enc's gradients can differ in the last
+    bit between runs there (CPU runs are bitwise reproducible)."""
     return F.embedding_bag(cols, W_dec, offsets[:-1], mode="sum", per_sample_weights=values)

@@ -31,7 +31,7 @@ from sae_ortho.training.batches import BatchSource
 from sae_ortho.training.checkpoint import load_checkpoint, save_checkpoint
 from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
-from sae_ortho.training.trainer import NonFiniteLoss, Trainer
+from sae_ortho.training.trainer import CPU, NonFiniteLoss, Trainer
 
 MODELS = Path("models")
 TAU_TRACE = "tau_trace.npy"  # tau at every step of a run with a penalty
@@ -98,9 +98,10 @@ def train(
     live=None,
     progress_bar: bool = True,
     max_steps: int | None = None,
+    device: torch.device = CPU,
 ) -> dict:
-    """Train, checkpointing as it goes; write the SAE (ours + SAELens files) and the pair log."""
-    trainer = Trainer(cfg, data, model_name, hook_name)
+    """Train on `device`, checkpointing as it goes; write the SAE (ours + SAELens files) and the pair log."""
+    trainer = Trainer(cfg, data, model_name, hook_name, device)
     fp = cfg.fingerprint(trainer.source.fingerprint)
     resumed = load_checkpoint(trainer, ckpt_dir, fp)
     if resumed:
@@ -110,7 +111,7 @@ def train(
     else:
         sample = trainer.source.sample(8192, cfg.seed + 1)
         with torch.no_grad():
-            trainer.sae.b_dec.copy_(geometric_median(sample * trainer.sae.cfg.input_scale))
+            trainer.sae.b_dec.copy_(geometric_median(sample * trainer.sae.cfg.input_scale))  # on CPU, then copied
     t = cfg.train
     total = t.steps if max_steps is None else min(t.steps, max_steps)
     bar = tqdm(total=t.steps, initial=trainer.step, unit="step", disable=not progress_bar)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.device import to_device
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.batches import BatchSource, as_source
 from sae_ortho.training.ortho import TauSchedule
@@ -35,6 +36,7 @@ from sae_ortho.training.sparse_ops import (
     topk_pattern,
 )
 
+CPU = torch.device("cpu")
 DENSE_FRACTION = 0.1  # above this share of active codes the dense step is faster
 
 
@@ -80,27 +82,35 @@ def lr_at(step: int, t: params_mod.TrainParams) -> float:
 class Trainer:
     """One run's model, optimiser and step; checkpoint.py saves and restores it, train() drives it."""
 
-    def __init__(self, cfg: RunConfig, data: ActivationShards | BatchSource, model_name: str = "", hook_name: str = ""):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: ActivationShards | BatchSource,
+        model_name: str = "",
+        hook_name: str = "",
+        device: torch.device = CPU,
+    ):
         self.cfg = cfg
+        self.device = device
         t = cfg.train
         torch.manual_seed(cfg.seed)
         self.source = as_source(data, t)
         scale = math.sqrt(self.source.d_in) / self.source.norm_mean if t.normalize_inputs else 1.0
         names = {"model_name": model_name, "hook_name": hook_name}
         sae_cfg = SAEConfig(self.source.d_in, t.d_sae, t.architecture, t.k, input_scale=scale, **names)
-        self.sae = SAE(sae_cfg, seed=cfg.seed)
+        self.sae = SAE(sae_cfg, seed=cfg.seed).to(device)  # initialised on CPU: the same init on any device
         self.batches = self.source.stream(t.batch_size, cfg.seed)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=t.lr, betas=(0.9, 0.999))
         self.tau = TauSchedule(cfg.tau, cfg.tau_schedule, cfg.ortho.target, cfg.ortho.tau_lr, cfg.tau_decay)
         self.penalty: DecoderPenalty | None = cfg.make_penalty()
         self.step = 0
-        self.silent_tokens = torch.zeros(t.d_sae, dtype=torch.long)
+        self.silent_tokens = torch.zeros(t.d_sae, dtype=torch.long, device=device)
         self.pair_log: list[dict[str, np.ndarray]] = []
         self.history: list[dict[str, float]] = []
         self.tau_trace: list[float] = []  # tau at every step (a control replays it: RunConfig.tau_replay)
         if cfg.tau_replay and len(cfg.tau_replay) < t.steps:
             raise ValueError(f"tau_replay holds {len(cfg.tau_replay)} steps, the run takes {t.steps}")
-        self._pre_buffer = torch.empty(0)
+        self._pre_buffer = torch.empty(0, device=device)
 
     def encode_decode(self, xs: torch.Tensor, sparse: bool | None = None) -> tuple[ActiveCodes, torch.Tensor, dict]:
         """Codes (CSR, differentiable values), reconstruction, and what AuxK needs.
@@ -114,7 +124,7 @@ class Trainer:
             # One [batch, d_sae] buffer reused across steps: a fresh 268 MB tensor per step (d_sae
             # 16384) is page-faulted in again every time, ~8% of the step.
             if self._pre_buffer.shape != (len(xs), sae.cfg.d_sae):
-                self._pre_buffer = torch.empty(len(xs), sae.cfg.d_sae)
+                self._pre_buffer = torch.empty(len(xs), sae.cfg.d_sae, device=xs.device)
             pre = torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=self._pre_buffer)
         if sae.cfg.architecture == "topk":
             rows, cols, offsets = topk_pattern(pre, sae.cfg.k)
@@ -156,7 +166,7 @@ class Trainer:
         step_start, penalty_s = time.perf_counter(), 0.0
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t)
-        xs = x * sae.cfg.input_scale
+        xs = to_device(x, self.device) * sae.cfg.input_scale
         codes, x_hat, ctx = self.encode_decode(xs, sparse)
         err = xs - x_hat
         mse = (err**2).sum(-1).mean() / sae.cfg.d_in
