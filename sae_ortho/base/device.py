@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+HOST = torch.device("cpu")  # where host-side work happens (numpy, numba, files, RNG draws) whatever the device
 DEVICE_SPEC = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 LM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,6 +33,11 @@ def resolve(spec: str) -> torch.device:
             raise ValueError(f"device: {spec} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
         device = torch.device("cuda", index)
     return device
+
+
+def on_host(x: torch.Tensor | torch.device) -> bool:
+    """Whether a tensor (or device) is on the CPU, where the numba kernels run."""
+    return (x if isinstance(x, torch.device) else x.device).type == HOST.type
 
 
 def lm_dtype(name: str) -> torch.dtype:

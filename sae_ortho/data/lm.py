@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.model_names import EMBEDDED_MODELS, split_model_spec
 from sae_ortho.base.paths import cache_dir
 
@@ -81,7 +82,7 @@ def _llama_tl_config(hf_config, model_name: str):
         original_architecture="LlamaForCausalLM",
         tokenizer_prepends_bos=True,
         default_prepend_bos=True,
-        device="cpu",
+        device=HOST,
         dtype=torch.float32,
     )
 
@@ -214,10 +215,10 @@ def _load_local_checkpoint(directory: Path, base: str | None):
         return _convert_llama(hf_model, tokenizer, directory.name)
     from transformer_lens import HookedTransformer
 
-    return HookedTransformer.from_pretrained_no_processing(base, hf_model=hf_model, tokenizer=tokenizer, device="cpu")
+    return HookedTransformer.from_pretrained_no_processing(base, hf_model=hf_model, tokenizer=tokenizer, device=HOST)
 
 
-def load_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(name: str, device: torch.device | str = HOST, dtype: torch.dtype = torch.float32):
     """A HookedTransformer for `name` (module docstring) on `device` in `dtype`.
 
     Hub models are loaded without weight processing, so the hooked residual stream equals
@@ -242,7 +243,7 @@ def load_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype
     from transformer_lens import HookedTransformer
 
     try:
-        return _on(HookedTransformer.from_pretrained_no_processing(name, device="cpu", dtype=dtype), device, dtype)
+        return _on(HookedTransformer.from_pretrained_no_processing(name, device=HOST, dtype=dtype), device, dtype)
     except OSError as err:  # hub unreachable and not in the local HF cache
         raise ModelUnavailableError(
             f"model {name!r} is not in the local Hugging Face cache and the hub is unreachable "

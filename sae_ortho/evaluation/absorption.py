@@ -117,6 +117,7 @@ def seed_result(sae, letters_dir: Path, manifest: dict, seed_info: dict, ap: Abs
     tokenizer = AutoTokenizer.from_pretrained(letters_dir / TOKENIZER)
     model = CachedModel(manifest, tokenizer, prompts["prompt"].tolist(), acts, seed_info["prompt_tokens"])
     sae_name = f"{name}_seed{seed}"
+    device = sae.W_dec.device  # sae_bench's probes and caches follow the SAE
     work = Path(tempfile.mkdtemp(prefix="absorption_"))
     torch.manual_seed(seed)  # sae_bench's probe training shuffles with torch's global generator
     try:
@@ -128,7 +129,7 @@ def seed_result(sae, letters_dir: Path, manifest: dict, seed_info: dict, ap: Abs
             max_k_value=ap.max_k,
             prompt_template=lp["prompt_template"],
             prompt_token_pos=lp["prompt_token_pos"],
-            device="cpu",
+            device=device,
             experiment_dir=work / "k_sparse_probing",
             probes_dir=seed_dir / "probes",
             force=True,
@@ -162,7 +163,7 @@ def seed_result(sae, letters_dir: Path, manifest: dict, seed_info: dict, ap: Abs
             layer=layer,
             probes_dir=seed_dir / "probes",
             sparse_probing_task_output_dir=work / "k_sparse_probing" / sae_name,
-            device="cpu",
+            device=device,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -178,7 +178,7 @@ def build_seed(model, p: Params, seed: int, out_dir: Path, vocab: list[str]) -> 
     probe, probe_data = train_linear_probe_for_task(
         train_df=train_df,
         test_df=test_df,
-        device=torch.device("cpu"),
+        device=p.torch_device,
         train_activations=train_acts,
         test_activations=test_acts,
         num_classes=26,
@@ -194,7 +194,7 @@ def build_seed(model, p: Params, seed: int, out_dir: Path, vocab: list[str]) -> 
 
     # The words sae_bench's absorption step examines: test words the probe puts in their own letter.
     test_acts_parsed, test_labels = load_probe_data_split(
-        wrapped, p.layer, "test", out_dir / "probes", dtype=torch.float32, device="cpu"
+        wrapped, p.layer, "test", out_dir / "probes", dtype=torch.float32, device=p.torch_device
     )
     with torch.no_grad():
         scores = probe(test_acts_parsed)

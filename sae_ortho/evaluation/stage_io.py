@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sae_ortho.base import device
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import Params
@@ -49,7 +50,7 @@ class SAEStage:
         (or width) than `cache` holds."""
         if not (self.directory / CONFIG_FILE).exists():
             sys.exit(f"error: SAE directory {self.directory} not found (no {CONFIG_FILE}): train it first (dvc repro)")
-        sae = SAE.load(self.directory).eval()
+        sae = SAE.load(self.directory).eval().to(self.params.torch_device)
         if sae.cfg.hook_name and sae.cfg.hook_name != hook_name:
             sys.exit(f"error: SAE {self.directory} was trained at {sae.cfg.hook_name}, {cache} holds {hook_name}")
         if d_in is not None and sae.cfg.d_in != d_in:
@@ -62,6 +63,7 @@ class SAEStage:
             "sae": self.name,
             "dir": str(self.directory),
             **result,
+            **device.record(self.params.torch_device),
             "seconds": round(time.perf_counter() - self.t0, 1),
         }
         atomic_write_text(self.metrics_dir / f"{self.name}.json", json.dumps(out, indent=2) + "\n")

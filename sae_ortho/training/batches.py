@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.device import HOST
 from sae_ortho.data.shards import ActivationShards
 
 
@@ -21,7 +22,7 @@ def shuffled_batches(
     `buffer_shards` shards (plus the previous buffer's remainder). Deterministic given `seed`;
     at most `buffer_shards + 1` shards are in memory."""
     rng = np.random.default_rng(seed)
-    leftover = torch.empty(0, shards.d_in, dtype=torch.float32, device="cpu")  # host-side: batches move later
+    leftover = torch.empty(0, shards.d_in, dtype=torch.float32, device=HOST)  # host-side: batches move later
     while True:  # epochs
         order = rng.permutation(len(shards))
         for start in range(0, len(order), buffer_shards):

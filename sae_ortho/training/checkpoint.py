@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.io import atomic_file
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def load_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> bool
         return False
     try:
         # On the CPU first: the RNG state must stay there; load_state_dict moves weights and Adam's moments.
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(path, weights_only=True, map_location=HOST)
     except pickle.UnpicklingError:  # format 1 held numpy arrays
         state = {}
     if state.get("format") != CHECKPOINT_FORMAT:

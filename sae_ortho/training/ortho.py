@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from sae_ortho.base.device import to_numpy
+from sae_ortho.base.device import on_host, to_numpy
 from sae_ortho.training import kernels, pairs_torch
 
 
@@ -82,7 +82,7 @@ def select_pairs_csr(
     (kernels.py, CPU), torch (pairs_torch.py, the codes' device) or auto (numba on CPU, torch elsewhere);
     both keep the same pairs, ties broken by (i, j)."""
     budget = pair_budget(d_sae, fraction)
-    if selector == "torch" or (selector == "auto" and values.device.type != "cpu"):
+    if selector == "torch" or (selector == "auto" and not on_host(values)):
         i, j, score = pairs_torch.top_coactive_pairs(offsets, cols, values.detach(), d_sae, budget)
         return PairSelection(i, j, score.float())
     i, j, score = kernels.top_coactive_pairs(to_numpy(offsets), to_numpy(cols), to_numpy(values), d_sae, budget)
@@ -142,7 +142,7 @@ def select_pairs_dense(f: torch.Tensor, fraction: float) -> PairSelection:
 def pair_cosines(w_dec: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """w_i . w_j per pair, without gathering [K, d_in] copies of the rows. No autograd. numba on CPU,
     torch (in chunks) on other devices."""
-    if w_dec.device.type != "cpu":
+    if not on_host(w_dec):
         return pairs_torch.pair_dots(w_dec.detach(), i, j)
     return torch.from_numpy(kernels.pair_dots(w_dec.detach().numpy(), i.numpy(), j.numpy()))
 
@@ -169,7 +169,7 @@ def add_ortho_grad_(
 ):
     """grad += weight * d/dW mean_p cos_p^2 over pairs (i_p, j_p), in place: the trainer's fast path
     (no autograd, no second d_sae x d_in buffer). d/dw_i of cos_ij^2 = 2 cos_ij w_j, and for w_j."""
-    if grad.device.type != "cpu":
+    if not on_host(grad):
         pairs_torch.add_pair_grad_(grad, w_dec.detach(), i, j, (weight * 2.0 / len(cos)) * cos)
         return
     coef = (weight * 2.0 / len(cos)) * cos.numpy()

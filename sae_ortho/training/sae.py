@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.io import atomic_dir
 
 # batchtopk (Bussmann et al. 2024): training keeps the batch's k * B largest pre-activations; inference
@@ -42,7 +43,7 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         # Initialised on the CPU whatever the device: the same seed gives the same weights everywhere.
-        cpu = torch.device("cpu")
+        cpu = HOST
         gen = torch.Generator(cpu).manual_seed(seed)
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen, device=cpu)
         w_dec /= w_dec.norm(dim=1, keepdim=True)

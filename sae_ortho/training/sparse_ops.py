@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sae_ortho.base.device import on_host
 from sae_ortho.training import kernels
 
 
@@ -46,7 +47,7 @@ def topk_pattern(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None)
     device = pre.device
     with torch.no_grad():
         scores = pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))
-        if device.type == "cpu":
+        if on_host(device):
             out = np.empty((len(pre), k), dtype=np.int64)
             kernels.topk_rows(scores.contiguous().numpy(), k, out)
             cols = torch.from_numpy(out).reshape(-1)

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.device import HOST
 from sae_ortho.base.io import atomic_file
 from sae_ortho.base.stats import bootstrap_indices, percentile_ci
 from sae_ortho.data.shards import ActivationShards
@@ -31,7 +32,7 @@ from sae_ortho.training.batches import BatchSource
 from sae_ortho.training.checkpoint import load_checkpoint, save_checkpoint
 from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
-from sae_ortho.training.trainer import CPU, NonFiniteLoss, Trainer
+from sae_ortho.training.trainer import NonFiniteLoss, Trainer
 
 MODELS = Path("models")
 TAU_TRACE = "tau_trace.npy"  # tau at every step of a run with a penalty
@@ -98,7 +99,7 @@ def train(
     live=None,
     progress_bar: bool = True,
     max_steps: int | None = None,
-    device: torch.device = CPU,
+    device: torch.device = HOST,
 ) -> dict:
     """Train on `device`, checkpointing as it goes; write the SAE (ours + SAELens files) and the pair log."""
     trainer = Trainer(cfg, data, model_name, hook_name, device)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sae_ortho.base import params as params_mod
-from sae_ortho.base.device import to_device
+from sae_ortho.base.device import HOST, to_device
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.batches import BatchSource, as_source
 from sae_ortho.training.ortho import TauSchedule
@@ -36,7 +36,6 @@ from sae_ortho.training.sparse_ops import (
     topk_pattern,
 )
 
-CPU = torch.device("cpu")
 DENSE_FRACTION = 0.1  # above this share of active codes the dense step is faster
 
 
@@ -88,7 +87,7 @@ class Trainer:
         data: ActivationShards | BatchSource,
         model_name: str = "",
         hook_name: str = "",
-        device: torch.device = CPU,
+        device: torch.device = HOST,
     ):
         self.cfg = cfg
         self.device = device
