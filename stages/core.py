@@ -32,7 +32,7 @@ def main() -> None:
         sys.exit(f"error: {err}")
     sae = stage.load_sae(HELDOUT, hs.manifest["hook_name"])
     try:
-        model = load_model(stage.params.model)
+        model = load_model(stage.params.model, stage.params.torch_device, stage.params.torch_lm_dtype)
     except ModelUnavailableError as err:
         sys.exit(f"error: {err}")
     with torch.no_grad():

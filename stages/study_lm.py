@@ -60,14 +60,15 @@ def main() -> None:
     run = {"headline": f"{args.arm}_s{seed}", "scaling": f"{args.arm}_t{tokens}"}.get(args.group, args.arm)
     train_params = replace(p.train, train_tokens=tokens, snapshots=0)
     cfg = run_config_for(spec, p, train_params, seed, study.topk_fraction)
-    try:
-        model = load_model(p.model)  # before training: a missing model fails in seconds, not after it
+    try:  # before training: a missing model fails in seconds, not after it
+        model = load_model(p.model, p.torch_device, p.torch_lm_dtype)
     except ModelUnavailableError as err:
         sys.exit(f"error: {err}")
     out_dir, ckpt = MODELS / args.group / run, MODELS / args.group / f".ckpt_{run}"
     t0 = time.perf_counter()
     try:
-        training = train(cfg, shards, out_dir, ckpt, shards.manifest["model"], shards.manifest["hook_name"])
+        names = shards.manifest["model"], shards.manifest["hook_name"]
+        training = train(cfg, shards, out_dir, ckpt, *names, device=p.torch_device)
     except NonFiniteLoss as err:
         sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
     train_seconds = time.perf_counter() - t0

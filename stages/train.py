@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from sae_ortho.base import device
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.paths import ACTIVATIONS
@@ -44,12 +45,14 @@ def main() -> None:
     live = Live(str(metrics_dir / f"{run_name}_live"), dvcyaml=None, save_dvc_exp=False, report=None, resume=False)
     with live:
         try:
-            metrics = train(
-                cfg, shards, models / run_name, ckpt, shards.manifest["model"], shards.manifest["hook_name"], live
-            )
+            names = shards.manifest["model"], shards.manifest["hook_name"]
+            metrics = train(cfg, shards, models / run_name, ckpt, *names, live, device=p.torch_device)
         except NonFiniteLoss as err:
             sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
-    atomic_write_text(metrics_dir / f"{run_name}.json", json.dumps({"seed": cfg.seed, **metrics}, indent=2) + "\n")
+    atomic_write_text(
+        metrics_dir / f"{run_name}.json",
+        json.dumps({"seed": cfg.seed, **metrics, **device.record(p.torch_device)}, indent=2) + "\n",
+    )
     print(json.dumps(metrics))
 
 

@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from sae_ortho.base import device
 from sae_ortho.base import params as params_mod
+from sae_ortho.base.device import HOST, to_device
 from sae_ortho.base.io import atomic_write_text, sha256_file
 from sae_ortho.base.paths import CORPUS
 from sae_ortho.data.shards import DTYPES, ShardInfo, write_manifest, write_shard
@@ -91,7 +93,14 @@ def tokenise(corpus: Path, tokenizer, body_len: int, n_contexts: int, directory:
 
 def fingerprint(p: params_mod.Params, corpus_sha: str) -> str:
     blob = json.dumps(
-        {"model": p.model, "hook": p.hook_name, "extract": asdict(p.extract), "corpus": corpus_sha}, sort_keys=True
+        {
+            "model": p.model,
+            "hook": p.hook_name,
+            "extract": asdict(p.extract),
+            "corpus": corpus_sha,
+            "lm_dtype": p.lm_dtype,
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -177,7 +186,8 @@ def extract(
             for b in range(0, count, ex.batch_size):
                 body = torch.from_numpy(token_ids[b : b + ex.batch_size]).long()
                 batch = torch.cat([torch.full((body.shape[0], 1), bos), body], dim=1)
-                acts.append(run(batch)[:, 1:].to(dtype).reshape(-1, model.cfg.d_model))
+                batch = to_device(batch, model.cfg.device)
+                acts.append(run(batch)[:, 1:].to(dtype).reshape(-1, model.cfg.d_model).to(HOST))
                 bar.update(body.numel())
             activations = torch.cat(acts)
             index = {
@@ -205,6 +215,7 @@ def extract(
         "context_len": ex.context_len,
         "bos_policy": "excluded: BOS is prepended to every context and its activation is not stored",
         "fingerprint": fp,
+        **device.record(p.torch_device, p.torch_lm_dtype),
     }
     manifest = write_manifest(partial, meta, done)
     del all_token_ids, all_doc_ids
