@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.params import CoreParams
 from sae_ortho.evaluation.heldout import HeldoutSet, spliced_losses
 from sae_ortho.training.ortho import select_pairs
@@ -34,13 +35,14 @@ class ScienceCheckError(RuntimeError):
 def encode_decode(sae, x: torch.Tensor, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstruction [n, d_in], firing count per latent [d_sae], L0 per token [n]), in batches."""
     recon, counts, l0 = [], None, []
+    device = sae.W_dec.device
     for start in range(0, len(x), batch):
-        f = sae.encode(x[start : start + batch])
+        f = sae.encode(x[start : start + batch].to(device))
         active = f > 0
         counts = active.sum(0) if counts is None else counts + active.sum(0)
-        l0.append(active.sum(1))
-        recon.append(sae.decode(f))
-    return torch.cat(recon), counts, torch.cat(l0)
+        l0.append(active.sum(1).to(HOST))
+        recon.append(sae.decode(f).to(HOST))  # metrics are computed on the host, in float64
+    return torch.cat(recon), counts.to(HOST), torch.cat(l0)
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -96,8 +98,8 @@ def decoder_geometry_all_pairs(w_dec: torch.Tensor, block: int = 1024) -> dict:
     above = dict.fromkeys(COS_THRESHOLDS, 0)
     for start in range(0, d, block):
         g = (w[start : start + block] @ w.T).abs()
-        rows = torch.arange(start, min(start + block, d))[:, None]
-        upper = g[torch.arange(d)[None, :] > rows]  # strict upper triangle of this block
+        rows = torch.arange(start, min(start + block, d), device=w.device)[:, None]
+        upper = g[torch.arange(d, device=w.device)[None, :] > rows]  # strict upper triangle of this block
         total += float(upper.double().sum())
         n += upper.numel()
         peak = max(peak, float(upper.max())) if upper.numel() else peak
@@ -117,8 +119,8 @@ def kept_pair_geometry(sae, x: torch.Tensor, batch_size: int, fraction: float) -
     w = unit_rows(sae.W_dec)
     cos, distinct = [], set()
     for start in range(0, len(x) - batch_size + 1, batch_size):
-        pairs = select_pairs(sae.encode(x[start : start + batch_size]), fraction)
-        cos.append((w[pairs.i] * w[pairs.j]).sum(-1).abs())
+        pairs = select_pairs(sae.encode(x[start : start + batch_size].to(w.device)).to(HOST), fraction)
+        cos.append((w[pairs.i.to(w.device)] * w[pairs.j.to(w.device)]).sum(-1).abs().to(HOST))
         distinct.update(zip(pairs.i.tolist(), pairs.j.tolist(), strict=True))
     out = cos_summary(torch.cat(cos)) if cos else {"n": 0}
     out["n_batches"] = len(cos)

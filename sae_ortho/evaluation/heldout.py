@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.io import atomic_dir, atomic_write_text
 from sae_ortho.base.params import Params
 from sae_ortho.data.extract import document_tokens, fill_stream
@@ -127,8 +128,9 @@ def downstream_logits(
 ) -> torch.Tensor:
     """Logits [b, context_len, vocab] of the run from block `layer` on, with the hook spliced."""
     hooks = [(hook_name, splice_hook(reconstruct))] if reconstruct is not None else []
+    resid = hs.resid_pre[rows].to(model.cfg.device, model.cfg.dtype)  # stored fp32 on the host
     with model.hooks(fwd_hooks=hooks):
-        return model(hs.resid_pre[rows], start_at_layer=layer, return_type="logits")
+        return model(resid, start_at_layer=layer, return_type="logits")
 
 
 def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -175,9 +177,9 @@ def spliced_losses(
                 if reconstruct is None
                 else token_logprobs(downstream_logits(model, hs, rows, layer, hook_name, reconstruct))
             )
-            out[name]["ce"].append(token_losses(logp, hs.tokens[rows]))
+            out[name]["ce"].append(token_losses(logp, hs.tokens[rows].to(logp.device)).to(HOST))
             if clean is not None:
-                out[name]["kl"].append(token_kl(clean, logp))
+                out[name]["kl"].append(token_kl(clean, logp).to(HOST))
     return {name: {k: torch.cat(v) for k, v in parts.items() if v} for name, parts in out.items()}
 
 
