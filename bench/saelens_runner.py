@@ -13,6 +13,8 @@ from unittest import mock
 
 import torch
 
+from sae_ortho.base.device import HOST
+
 # The extraction settings both runners share (bench/extract.py imports them from here).
 CONTEXT_LEN = 128
 BATCH_SIZE = 16
@@ -35,7 +37,7 @@ def saelens_config(hook_name: str, d_in: int, n_contexts: int, out_dir: Path):
         new_cached_activations_path=str(out_dir),
         shuffle=False,
         dtype="float16",
-        device="cpu",
+        device=str(HOST),  # the benchmark compares CPU throughput
         # One buffer holding exactly our tokens (the default 2 GB buffer would run ~1.7M tokens);
         # the half-token margin keeps float rounding from losing a batch.
         buffer_size_gb=(stored_tokens + 0.5) * bytes_per_token / 1e9,

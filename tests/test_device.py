@@ -63,3 +63,22 @@ def test_step_timer_cuda_times_the_work():
     assert timer.elapsed()[0] > 0
     pinned = device.to_device(torch.ones(3), dev)
     assert pinned.device == dev and pinned.sum().item() == 3
+
+
+def test_no_device_literals_outside_the_resolver():
+    """Every device comes from params through base/device.py (HOST names the CPU where host-side work is
+    meant): a string "cpu" or "cuda..." elsewhere in the library, stages or benchmarks is a device bug."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    allowed = {root / "sae_ortho/base/device.py", root / "sae_ortho/base/params.py"}  # params: the default's text
+    found = []
+    for path in [*root.glob("sae_ortho/**/*.py"), *root.glob("stages/*.py"), *root.glob("bench/*.py")]:
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            text = node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+            if text == "cpu" or text.startswith("cuda"):
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {text!r}")
+    assert not found, "\n".join(found)
