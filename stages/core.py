@@ -32,7 +32,9 @@ def main() -> None:
         sys.exit(f"error: {err}")
     sae = stage.load_sae(HELDOUT, hs.manifest["hook_name"])
     try:
-        model = load_model(stage.params.model, stage.params.torch_device, stage.params.torch_lm_dtype)
+        model = load_model(
+            stage.params.model, stage.params.torch_device, stage.params.torch_lm_dtype, stage.params.hook_name
+        )
     except ModelUnavailableError as err:
         sys.exit(f"error: {err}")
     with torch.no_grad():

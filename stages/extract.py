@@ -16,7 +16,7 @@ def main() -> None:
     if not CORPUS.exists():
         sys.exit(f"error: {CORPUS} not found: run the corpus stage first (dvc repro corpus)")
     try:
-        model = load_model(p.model, p.torch_device, p.torch_lm_dtype)
+        model = load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
     except ModelUnavailableError as err:
         sys.exit(f"error: {err}")
     if p.layer >= model.cfg.n_layers:

@@ -35,7 +35,7 @@ def main() -> None:
         torch.set_num_threads(2)
     t0 = time.perf_counter()
     try:
-        model = load_model(p.model, p.torch_device, p.torch_lm_dtype)
+        model = load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
     except ModelUnavailableError as err:
         sys.exit(f"error: {err}")
     load_s = time.perf_counter() - t0

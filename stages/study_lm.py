@@ -61,7 +61,7 @@ def main() -> None:
     train_params = replace(p.train, train_tokens=tokens, snapshots=0)
     cfg = run_config_for(spec, p, train_params, seed, study.topk_fraction)
     try:  # before training: a missing model fails in seconds, not after it
-        model = load_model(p.model, p.torch_device, p.torch_lm_dtype)
+        model = load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
     except ModelUnavailableError as err:
         sys.exit(f"error: {err}")
     out_dir, ckpt = MODELS / args.group / run, MODELS / args.group / f".ckpt_{run}"

@@ -124,3 +124,10 @@ def test_lm_dtype_and_device_are_honoured(local_llama_checkpoint):
     assert {p.device.type for p in tl.parameters()} == {"cpu"}
     with torch.inference_mode():
         assert tl(tl.to_tokens("bf16 forward")).dtype is torch.bfloat16
+
+
+def test_a_missing_hook_is_a_one_line_error(local_llama_checkpoint):
+    directory, _ = local_llama_checkpoint
+    assert load_model(str(directory), hook_name="blocks.1.hook_resid_mid") is not None  # sequential: it exists
+    with pytest.raises(ModelUnavailableError, match=r"has no hook blocks\.7\.hook_resid_post$"):
+        load_model(str(directory), hook_name="blocks.7.hook_resid_post")

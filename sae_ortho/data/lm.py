@@ -218,12 +218,25 @@ def _load_local_checkpoint(directory: Path, base: str | None):
     return HookedTransformer.from_pretrained_no_processing(base, hf_model=hf_model, tokenizer=tokenizer, device=HOST)
 
 
-def load_model(name: str, device: torch.device | str = HOST, dtype: torch.dtype = torch.float32):
-    """A HookedTransformer for `name` (module docstring) on `device` in `dtype`.
+def load_model(
+    name: str, device: torch.device | str = HOST, dtype: torch.dtype = torch.float32, hook_name: str | None = None
+):
+    """A HookedTransformer for `name` (module docstring) on `device` in `dtype`; with `hook_name`, a model
+    without that hook point is a one-line error (e.g. hook_resid_mid of a parallel-attention model).
 
     Hub models are loaded without weight processing, so the hooked residual stream equals
     the HF model's (folding/centering would change what the SAE sees).
     """
+    model = _load_model(name, device, dtype)
+    if hook_name is not None and hook_name not in model.hook_dict:
+        parallel = (
+            " (its attention and MLP run in parallel: use resid_pre or resid_post)" if "resid_mid" in hook_name else ""
+        )
+        raise ModelUnavailableError(f"model {name!r} has no hook {hook_name}{parallel}")
+    return model
+
+
+def _load_model(name: str, device: torch.device | str, dtype: torch.dtype):
     if name in EMBEDDED_MODELS:
         return _on(load_smollm2_tl(), device, dtype)
     base, directory = split_model_spec(name)
