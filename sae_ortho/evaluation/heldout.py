@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -122,30 +121,51 @@ def splice_hook(reconstruct: Reconstruct | None):
     return hook
 
 
+VOCAB_CHUNK = 16384  # unembedding columns at a time: [b, T, chunk] logits, never [b, T, vocab] (1 GB at 256k)
+
+
 @torch.no_grad()
-def downstream_logits(
+def final_residual(
     model, hs: HeldoutSet, rows: slice, layer: int, hook_name: str, reconstruct: Reconstruct | None
 ) -> torch.Tensor:
-    """Logits [b, context_len, vocab] of the run from block `layer` on, with the hook spliced."""
+    """ln_final of the residual after the last block [b, T, d_model], run from block `layer` on with the hook
+    spliced: what the unembedding reads, kept instead of the logits."""
     hooks = [(hook_name, splice_hook(reconstruct))] if reconstruct is not None else []
     resid = hs.resid_pre[rows].to(model.cfg.device, model.cfg.dtype)  # stored fp32 on the host
     with model.hooks(fwd_hooks=hooks):
-        return model(resid, start_at_layer=layer, return_type="logits")
+        out = model(resid, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
+    ln_final = getattr(model, "ln_final", None)  # absent in models without a final norm
+    return (out if ln_final is None else ln_final(out))[:, 1:-1]  # predictions at non-BOS positions 1..T-2
 
 
-def token_logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the predictions made at non-BOS positions 1..T-2, [b, T-2, vocab] (fp32)."""
-    return F.log_softmax(logits[:, 1:-1].float(), dim=-1)
+def _logits(model, h: torch.Tensor, start: int) -> torch.Tensor:
+    return (h @ model.W_U[:, start : start + VOCAB_CHUNK] + model.b_U[start : start + VOCAB_CHUNK]).float()
 
 
-def token_losses(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """CE of the next token at positions 1..T-2, [b, T-2], from `token_logprobs`."""
-    return -logp.gather(-1, tokens[:, 2:, None])[..., 0]
+def log_normaliser(model, h: torch.Tensor) -> torch.Tensor:
+    """logsumexp of the logits over the vocabulary, [b, T-2], chunk by chunk (fp32)."""
+    out = None
+    for start in range(0, model.cfg.d_vocab, VOCAB_CHUNK):
+        part = _logits(model, h, start).logsumexp(-1)
+        out = part if out is None else torch.logaddexp(out, part)
+    return out
 
 
-def token_kl(clean_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(clean || spliced) at positions 1..T-2, [b, T-2], from two `token_logprobs`."""
-    return (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+def token_losses(model, h: torch.Tensor, lse: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """CE of the next token at positions 1..T-2, [b, T-2]: logsumexp minus the target's logit."""
+    targets = tokens[:, 2:].to(h.device)
+    target_logit = (h * model.W_U.T[targets]).sum(-1).float() + model.b_U[targets].float()
+    return lse - target_logit
+
+
+def token_kl(model, h_clean: torch.Tensor, lse_clean: torch.Tensor, h: torch.Tensor, lse: torch.Tensor):
+    """KL(clean || spliced) at positions 1..T-2, [b, T-2], summed over vocabulary chunks."""
+    total = torch.zeros_like(lse)
+    for start in range(0, model.cfg.d_vocab, VOCAB_CHUNK):
+        clean_logp = _logits(model, h_clean, start) - lse_clean[..., None]
+        logp = _logits(model, h, start) - lse[..., None]
+        total += (clean_logp.exp() * (clean_logp - logp)).sum(-1)
+    return total
 
 
 @torch.no_grad()
@@ -161,25 +181,28 @@ def spliced_losses(
     """Per-token CE and KL(clean || run) for each named reconstruction (None = the clean run); without
     `with_kl` and a clean run the clean pass is skipped (CE only: half the cost).
 
-    The clean logits are recomputed batch by batch rather than cached (8k tokens of full logits
-    are ~1.6 GB in fp32), which also makes KL exactly 0 for a reconstruction that returns its input.
+    Logits are never held whole: each run keeps its final residual, and CE and KL are reduced over
+    vocabulary chunks (a [b, T, vocab] fp32 tensor is 1 GB at 8 x 128 x Gemma's 256k tokens). The clean run
+    is recomputed batch by batch, which also makes KL exactly 0 for a reconstruction that returns its input.
     """
     layer, hook_name = hs.manifest["layer"], hs.manifest["hook_name"]
     out: dict[str, dict[str, list]] = {name: {"ce": [], "kl": []} for name in reconstructions}
     need_clean = with_kl or any(r is None for r in reconstructions.values())
     n_batches = math.ceil(len(hs.tokens) / batch_size)
     for rows in tqdm(hs.batches(batch_size), total=n_batches, desc=desc, disable=not progress_bar):
-        # log_softmax over the 49k-token vocabulary costs as much as the blocks: once per run and batch
-        clean = token_logprobs(downstream_logits(model, hs, rows, layer, hook_name, None)) if need_clean else None
+        clean = None
+        if need_clean:
+            h = final_residual(model, hs, rows, layer, hook_name, None)
+            clean = (h, log_normaliser(model, h))
         for name, reconstruct in reconstructions.items():
-            logp = (
-                clean
-                if reconstruct is None
-                else token_logprobs(downstream_logits(model, hs, rows, layer, hook_name, reconstruct))
-            )
-            out[name]["ce"].append(token_losses(logp, hs.tokens[rows].to(logp.device)).to(HOST))
+            if reconstruct is None:
+                h, lse = clean
+            else:
+                h = final_residual(model, hs, rows, layer, hook_name, reconstruct)
+                lse = log_normaliser(model, h)
+            out[name]["ce"].append(token_losses(model, h, lse, hs.tokens[rows]).to(HOST))
             if clean is not None:
-                out[name]["kl"].append(token_kl(clean, logp).to(HOST))
+                out[name]["kl"].append(token_kl(model, *clean, h, lse).to(HOST))
     return {name: {k: torch.cat(v) for k, v in parts.items() if v} for name, parts in out.items()}
 
 
