@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from sae_ortho.base.io import atomic_file
 from sae_ortho.base.paths import CORE_PER_CONTEXT, HELDOUT
-from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.lm import load_model_or_exit
 from sae_ortho.evaluation.core import core_metrics, science_failures
 from sae_ortho.evaluation.heldout import HeldoutSet
 from sae_ortho.evaluation.stage_io import SAEStage
@@ -31,12 +31,7 @@ def main() -> None:
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
     sae = stage.load_sae(HELDOUT, hs.manifest["hook_name"])
-    try:
-        model = load_model(
-            stage.params.model, stage.params.torch_device, stage.params.torch_lm_dtype, stage.params.hook_name
-        )
-    except ModelUnavailableError as err:
-        sys.exit(f"error: {err}")
+    model = load_model_or_exit(stage.params)
     with torch.no_grad():
         metrics = core_metrics(sae, model, hs, stage.params.core)
     per_context = metrics.pop("per_context")

@@ -8,17 +8,14 @@ import sys
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.data.extract import CORPUS, METRICS, extract
-from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.lm import load_model_or_exit
 
 
 def main() -> None:
     p = params_mod.load_or_exit()
     if not CORPUS.exists():
         sys.exit(f"error: {CORPUS} not found: run the corpus stage first (dvc repro corpus)")
-    try:
-        model = load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
-    except ModelUnavailableError as err:
-        sys.exit(f"error: {err}")
+    model = load_model_or_exit(p)
     if p.layer >= model.cfg.n_layers:
         sys.exit(f"error: params.yaml: layer: {p.layer} is beyond {p.model}'s {model.cfg.n_layers} layers")
     try:

@@ -18,7 +18,7 @@ import torch
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.paths import LETTERS
-from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.lm import load_model_or_exit
 from sae_ortho.evaluation.letters import build_letter_cache, check_hook
 
 LETTERS_DIR = LETTERS
@@ -34,10 +34,7 @@ def main() -> None:
     if "OMP_NUM_THREADS" not in os.environ:  # the machine is shared: 2 threads unless told otherwise
         torch.set_num_threads(2)
     t0 = time.perf_counter()
-    try:
-        model = load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
-    except ModelUnavailableError as err:
-        sys.exit(f"error: {err}")
+    model = load_model_or_exit(p)
     load_s = time.perf_counter() - t0
     try:
         manifest = build_letter_cache(model, p, LETTERS_DIR)

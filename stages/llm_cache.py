@@ -16,7 +16,7 @@ from pathlib import Path
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.paths import ACTIVATIONS, CORPUS, HELDOUT, PROBE_ACTS, PROBING_DATA
-from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.lm import load_model_or_exit
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.evaluation.heldout import build_heldout
 from sae_ortho.evaluation.probe_cache import check_tasks_available, collect_probe_activations
@@ -33,10 +33,7 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     t0 = time.perf_counter()
-    try:
-        model = load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
-    except ModelUnavailableError as err:
-        sys.exit(f"error: {err}")
+    model = load_model_or_exit(p)
     load_s = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()

@@ -25,7 +25,7 @@ from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.paths import ACTIVATIONS
 from sae_ortho.base.study_params import load_study_or_exit
-from sae_ortho.data.lm import ModelUnavailableError, load_model
+from sae_ortho.data.lm import load_model_or_exit
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.study.arms import arm_spec, run_config_for
 from sae_ortho.study.evaluate import BrokenSAE, evaluate, pair_stability
@@ -60,10 +60,7 @@ def main() -> None:
     run = {"headline": f"{args.arm}_s{seed}", "scaling": f"{args.arm}_t{tokens}"}.get(args.group, args.arm)
     train_params = replace(p.train, train_tokens=tokens, snapshots=0)
     cfg = run_config_for(spec, p, train_params, seed, study.topk_fraction)
-    try:  # before training: a missing model fails in seconds, not after it
-        model = load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
-    except ModelUnavailableError as err:
-        sys.exit(f"error: {err}")
+    model = load_model_or_exit(p)  # before training: a missing model fails in seconds, not after it
     out_dir, ckpt = MODELS / args.group / run, MODELS / args.group / f".ckpt_{run}"
     t0 = time.perf_counter()
     try:

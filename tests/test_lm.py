@@ -104,13 +104,29 @@ def test_local_checkpoint_directory_computes_what_hf_computes(local_llama_checkp
         torch.testing.assert_close(tl(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_local_checkpoint_of_another_architecture_needs_its_name(tmp_path):
-    (tmp_path / "config.json").write_text('{"architectures": ["GPTNeoXForCausalLM"], "num_hidden_layers": 6}')
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def test_local_checkpoint_of_another_family_loads_from_its_config(tmp_path, model):
+    """GPT-NeoX (parallel attention): its config.json tells transformer_lens the architecture."""
+    from sae_ortho.base.model_names import model_n_layers, model_width
+    from tests.tiny_models import save_tiny_neox
 
-    cfg = GPTNeoXConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1, vocab_size=50)
-    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ModelUnavailableError, match="needs its transformer_lens architecture name"):
+    hf = save_tiny_neox(tmp_path / "tiny-neox", model.tokenizer)
+    assert model_n_layers(str(tmp_path / "tiny-neox")) == 2 and model_width(str(tmp_path / "tiny-neox")) == 64
+    tl = load_model(str(tmp_path / "tiny-neox"), hook_name="blocks.1.hook_resid_post")
+    assert tl.cfg.parallel_attn_mlp and tl.cfg.model_name == "tiny-neox"
+    tokens = tl.to_tokens("A second architecture family from a local directory.")
+    with torch.inference_mode():
+        torch.testing.assert_close(tl(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelUnavailableError, match="parallel: use resid_pre or resid_post"):
+        load_model(str(tmp_path / "tiny-neox"), hook_name="blocks.1.hook_resid_mid")
+
+
+def test_local_checkpoint_transformer_lens_cannot_convert_is_a_clear_error(tmp_path, model):
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    cfg = GPTBigCodeConfig(n_embd=32, n_head=2, n_layer=1, vocab_size=50, n_positions=64)
+    GPTBigCodeForCausalLM(cfg).save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelUnavailableError, match="transformer_lens cannot convert .*GPTBigCodeForCausalLM"):
         load_model(str(tmp_path))
     with pytest.raises(ModelUnavailableError, match="holds no config.json"):
         load_model(f"gpt2@{tmp_path / 'missing'}")

