@@ -10,15 +10,36 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from sae_ortho.base import device
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
-from sae_ortho.base.paths import ACTIVATIONS
+from sae_ortho.base.paths import ACTIVATIONS, CORPUS
 from sae_ortho.data.shards import ActivationShards
+from sae_ortho.training.batches import ShardSource
 from sae_ortho.training.run_config import run_config
 from sae_ortho.training.train import METRICS, MODELS, train
 from sae_ortho.training.trainer import NonFiniteLoss
+
+
+def stored_shards() -> ActivationShards:
+    try:
+        return ActivationShards(ACTIVATIONS)
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+
+
+def streamed_shards(p: params_mod.Params, token_dir: Path):
+    """train.source: stream: the extraction's shards computed by the LM when the shuffler needs them."""
+    from sae_ortho.data.lm import load_model_or_exit
+    from sae_ortho.data.stream import StreamedShards
+
+    model = load_model_or_exit(p)
+    try:
+        return StreamedShards(p, model, CORPUS, token_dir)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
 
 
 def main() -> None:
@@ -27,26 +48,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="an extra SAE seed (default: sae_seed)")
     args = parser.parse_args()
     p = params_mod.load_or_exit()
-    try:
-        shards = ActivationShards(ACTIVATIONS)
-    except FileNotFoundError as err:
-        sys.exit(f"error: {err}")
-    if shards.n_tokens < p.train.batch_size:
-        sys.exit(f"error: {ACTIVATIONS} holds {shards.n_tokens} tokens, fewer than train.batch_size")
-    cfg = run_config(p, args.name, args.seed)
-    from dvclive import Live
-
     if args.seed is None:
         models, metrics_dir, run_name = MODELS, METRICS, args.name
     else:
         models, metrics_dir, run_name = MODELS / "seeds", METRICS / "seeds", f"{args.name}_s{args.seed}"
+    ckpt = models / f".ckpt_{run_name}"  # removed when training ends, the streamed run's token ids with it
+    shards = streamed_shards(p, ckpt / "stream_tokens") if p.train.source == "stream" else stored_shards()
+    if shards.n_tokens < p.train.batch_size:
+        sys.exit(f"error: the training data holds {shards.n_tokens} tokens, fewer than train.batch_size")
+    cfg = run_config(p, args.name, args.seed)
+    from dvclive import Live
+
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = models / f".ckpt_{run_name}"
     live = Live(str(metrics_dir / f"{run_name}_live"), dvcyaml=None, save_dvc_exp=False, report=None, resume=False)
     with live:
         try:
             names = shards.manifest["model"], shards.manifest["hook_name"]
-            metrics = train(cfg, shards, models / run_name, ckpt, *names, live, device=p.torch_device)
+            source = ShardSource(shards, p.train.buffer_shards)
+            metrics = train(cfg, source, models / run_name, ckpt, *names, live, device=p.torch_device)
         except NonFiniteLoss as err:
             sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
     atomic_write_text(

@@ -63,7 +63,7 @@ class TrainParams:
     """SAE training shared by the baseline and the orthogonality run (stages `train_baseline`, `train`)."""
 
     architecture: Literal["relu", "topk", "batchtopk"] = "topk"
-    d_sae: int = 4608
+    d_sae: int = 4608  # latents; in `train` also '<f>x': f times the model's width (8x = 4608 here)
     k: int = 12  # active latents per token (topk)
     l1_coeff: float = 1.0  # relu: weight of sum_i f_i ||w_i||, relative to the per-element MSE
     lr: float = 2e-3
@@ -72,6 +72,8 @@ class TrainParams:
     batch_size: int = 1024
     train_tokens: int = 1_000_000
     buffer_shards: int = 2  # shards mixed in the shuffle buffer
+    # shards: read data/activations; stream: compute the same shards from the LM as training needs them
+    source: Literal["shards", "stream"] = "shards"
     normalize_inputs: bool = True  # scale inputs to mean norm sqrt(d_in); stored in the checkpoint
     aux_k: int = 256  # topk: AuxK latents used to revive dead ones
     aux_coeff: float = 0.03125

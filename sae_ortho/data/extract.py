@@ -133,6 +133,31 @@ def capture_fn(model, hook_name: str, stop_at_layer: int):
     return run
 
 
+def shard_activations(
+    run, token_ids: np.ndarray, bos: int, batch_size: int, dtype: torch.dtype, lm_device, on_batch=None
+) -> torch.Tensor:
+    """[contexts * body_len, d_model] activations of one shard's contexts (BOS prepended, its position
+    dropped), on the host in the stored dtype. Batches restart at every shard, so a shard is the same
+    function of its contexts whether extraction writes it, resumes it or training streams it."""
+    acts = []
+    for b in range(0, len(token_ids), batch_size):
+        body = torch.from_numpy(token_ids[b : b + batch_size]).long()
+        batch = to_device(torch.cat([torch.full((body.shape[0], 1), bos), body], dim=1), lm_device)
+        out = run(batch)[:, 1:]
+        acts.append(out.to(dtype).reshape(-1, out.shape[-1]).to(HOST))
+        if on_batch is not None:
+            on_batch(body.numel())
+    return torch.cat(acts)
+
+
+def shard_layout(ex) -> tuple[int, int, int, int]:
+    """(body_len, n_contexts, contexts per shard, n_shards) of an extraction with params `ex`."""
+    body_len = ex.context_len - 1
+    n_contexts = math.ceil(ex.n_tokens / body_len)
+    per_shard = max(1, ex.shard_tokens // body_len)
+    return body_len, n_contexts, per_shard, math.ceil(n_contexts / per_shard)
+
+
 def extract(
     p: params_mod.Params,
     model,
@@ -143,10 +168,7 @@ def extract(
 ) -> dict:
     """Write the activation directory; return the extraction metrics."""
     ex = p.extract
-    body_len = ex.context_len - 1
-    n_contexts = math.ceil(ex.n_tokens / body_len)
-    per_shard = max(1, ex.shard_tokens // body_len)
-    n_shards = math.ceil(n_contexts / per_shard)
+    body_len, n_contexts, per_shard, n_shards = shard_layout(ex)
     tokenizer = model.tokenizer
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -181,15 +203,7 @@ def extract(
             first = shard_idx * per_shard
             count = min(per_shard, n_contexts - first)
             token_ids = np.array(all_token_ids[first : first + count])
-            acts = []
-            # Batches restart at every shard so a resumed shard sees the same batch composition.
-            for b in range(0, count, ex.batch_size):
-                body = torch.from_numpy(token_ids[b : b + ex.batch_size]).long()
-                batch = torch.cat([torch.full((body.shape[0], 1), bos), body], dim=1)
-                batch = to_device(batch, model.cfg.device)
-                acts.append(run(batch)[:, 1:].to(dtype).reshape(-1, model.cfg.d_model).to(HOST))
-                bar.update(body.numel())
-            activations = torch.cat(acts)
+            activations = shard_activations(run, token_ids, bos, ex.batch_size, dtype, model.cfg.device, bar.update)
             index = {
                 "context_id": np.repeat(np.arange(first, first + count, dtype=np.int64), body_len),
                 "position": np.tile(np.arange(1, ex.context_len, dtype=np.int16), count),

@@ -50,6 +50,14 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
+def token_norms(activations: torch.Tensor) -> np.ndarray:
+    """Per-token L2 norms in numpy float64, single-threaded: torch's fp32 sum depends on how many threads
+    the caller got (extraction's writer runs beside the next forward pass), which made the manifest's norm
+    statistics, and so the training input scale, vary between runs in the last digits."""
+    acts64 = activations.float().numpy().astype(np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", acts64, acts64))
+
+
 def write_shard(
     directory: Path,
     shard_idx: int,
@@ -70,11 +78,7 @@ def write_shard(
     with atomic_file(index_path) as tmp_index:
         pq.write_table(pa.table(index), tmp_index)
 
-    # numpy float64, single-threaded: torch's fp32 sum depends on how many threads the writer thread
-    # got (it runs beside the next forward pass), which made the manifest's norm statistics, and so
-    # the training input scale, vary between runs in the last digits.
-    acts64 = activations.float().numpy().astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", acts64, acts64))
+    norms = token_norms(activations)
     return ShardInfo(
         file=name,
         index_file=f"index/{index_path.name}",

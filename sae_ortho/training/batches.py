@@ -54,7 +54,8 @@ class BatchSource(Protocol):
 
 @dataclass
 class ShardSource:
-    """The extraction shards as a BatchSource: exactly the batches the trainer always drew."""
+    """The extraction shards as a BatchSource: exactly the batches the trainer always drew. `shards` is
+    anything with ActivationShards's `len`, `load(i)` and `manifest` (data/stream.py's StreamedShards too)."""
 
     shards: ActivationShards
     buffer_shards: int
