@@ -12,7 +12,7 @@ export PYTHONPATH := $(CURDIR)
 # DVC runs stage commands with `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro study test bench lint clean-venv
+.PHONY: install repro study test test-slow bench lint clean-venv
 
 install: $(STAMP)
 
@@ -36,12 +36,18 @@ study: $(STAMP)
 	$(VENV)/bin/dvc repro dvc.yaml study/dvc.yaml
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not slow" tests
+
+# Tests marked slow: another model family through a second tiny `dvc repro` (tests/test_any_model.py).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --durations=5 -m slow tests
 
 bench: $(STAMP)
 	$(PY) -m bench.extract
 	$(PY) -m bench.train
+	$(PY) -m bench.train --sizes 65536 --archs topk32 --steps 5 --out metrics/bench_train_65k.json
 	$(PY) -m bench.synthetic_run
+	$(PY) -m bench.gpu
 
 # ruff; import-linter's contracts (pyproject.toml: imports only point down the pipeline's layers, stages
 # independent); pylint's similarity checker (-d 10: no identical run of more than 10 lines, imports, docstrings,

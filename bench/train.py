@@ -1,5 +1,5 @@
 """Benchmark: SAE training step time with and without the orthogonality term, the pair selection
-against scipy's sparse product and a dense F^T F, and SAELens's training step for the same
+(numba kernel and torch) against scipy's sparse product and a dense F^T F, and SAELens's training step for the same
 architecture, side by side on the same real activation batches. Writes metrics/bench_train.json.
 
     python -m bench.train [--sizes 4608 16384] [--batch 4096] [--steps 9] [--warmup 3]
@@ -131,6 +131,9 @@ def main() -> None:
             row["selection_sparse_s"] = median_time(
                 lambda c=codes, d=d_sae: select_pairs_csr(c.offsets, c.cols, c.values, d, args.fraction), 5
             )
+            row["selection_torch_s"] = median_time(
+                lambda c=codes, d=d_sae: select_pairs_csr(c.offsets, c.cols, c.values, d, args.fraction, "torch"), 5
+            )
             row["selection_scipy_s"] = median_time(lambda f=f: select_pairs_scipy(f, args.fraction), 1)
             pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, args.fraction)
             w_dec, grad = trainer.sae.W_dec, torch.zeros_like(trainer.sae.W_dec)
@@ -148,6 +151,8 @@ def main() -> None:
             # Same-round ratios too: robust to a slow patch of machine time hitting one round.
             paired = [o / b for o, b in zip(times["ours_ortho"], times["ours"], strict=True)]
             row["ortho_overhead_paired"] = round(statistics.median(paired) - 1, 4)
+            row["numba_selection_vs_step"] = round(row["selection_sparse_s"] / med["ours"], 4)
+            row["torch_selection_vs_step"] = round(row["selection_torch_s"] / med["ours"], 4)
             row["tokens_per_s_ours"] = round(args.batch / med["ours"], 1)
             row["tokens_per_s_saelens"] = round(args.batch / med["saelens"], 1)
             row["speedup_vs_saelens"] = round(med["saelens"] / med["ours"], 3)
@@ -158,7 +163,8 @@ def main() -> None:
             print(
                 f"d_sae {d_sae:>6} {label:7} L0 {row['l0']:5.1f} step {med['ours']:.3f}s "
                 f"ortho +{row['ortho_overhead']:.1%} "
-                f"(selection {row['selection_sparse_s']:.3f}s, loss {row['ortho_loss_and_grad_s']:.3f}s, "
+                f"(selection numba {row['selection_sparse_s']:.3f}s torch {row['selection_torch_s']:.3f}s, "
+                f"loss {row['ortho_loss_and_grad_s']:.3f}s, "
                 f"scipy {row['selection_scipy_s']:.3f}s) "
                 f"saelens {med['saelens']:.3f}s "
                 f"-> {row['speedup_vs_saelens']:.2f}x",
