@@ -51,7 +51,10 @@ def extraction_ratio(device: torch.device, repeats: int, corpus: Path = CORPUS) 
 
     p = Params()
     model = load_model(p.model, device, torch.float32, p.hook_name)
-    ids = [t for _, doc in zip(range(64), document_tokens(corpus, model.tokenizer), strict=False) for t in doc]
+    docs = zip(range(256), document_tokens(corpus, model.tokenizer), strict=False)
+    ids = [t for _, (_, doc) in docs for t in doc]
+    if len(ids) < 16 * 127:
+        raise ValueError(f"{corpus} holds {len(ids)} tokens in its first 256 documents; the benchmark needs 2,032")
     body = torch.tensor(ids[: 16 * 127]).view(16, 127)
     tokens = torch.cat([torch.full((16, 1), model.tokenizer.bos_token_id), body], 1).to(device)
     run = capture_fn(model, p.hook_name, stop_at_layer=p.layer + 1)

@@ -29,8 +29,8 @@ from sae_ortho.data.lm import load_model_or_exit
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.study.arms import arm_spec, run_config_for
 from sae_ortho.study.evaluate import BrokenSAE, evaluate, pair_stability
+from sae_ortho.training.step_log import NonFiniteLoss
 from sae_ortho.training.train import train
-from sae_ortho.training.trainer import NonFiniteLoss
 
 MODELS = Path("models/study")
 METRICS = Path("metrics/study")

@@ -19,8 +19,8 @@ from sae_ortho.base.paths import ACTIVATIONS, CORPUS
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.batches import ShardSource
 from sae_ortho.training.run_config import run_config
+from sae_ortho.training.step_log import NonFiniteLoss
 from sae_ortho.training.train import METRICS, MODELS, train
-from sae_ortho.training.trainer import NonFiniteLoss
 
 
 def stored_shards() -> ActivationShards:

@@ -17,8 +17,9 @@ from sae_ortho.training.checkpoint import load_checkpoint, save_checkpoint, trai
 from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.sae import SAE
 from sae_ortho.training.sparse_ops import dense_pre_acts
+from sae_ortho.training.step_log import NonFiniteLoss
 from sae_ortho.training.train import train
-from sae_ortho.training.trainer import NonFiniteLoss, Trainer
+from sae_ortho.training.trainer import Trainer
 from tests.conftest import stage_env, write_small_corpus
 
 TINY = TrainParams(

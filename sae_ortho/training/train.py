@@ -29,10 +29,11 @@ from sae_ortho.base.io import atomic_file
 from sae_ortho.base.stats import bootstrap_indices, percentile_ci
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training.batches import BatchSource
-from sae_ortho.training.checkpoint import load_checkpoint, save_checkpoint
+from sae_ortho.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.snapshots import SNAPSHOTS, collect_snapshots, save_snapshot
-from sae_ortho.training.trainer import NonFiniteLoss, Trainer
+from sae_ortho.training.step_log import NonFiniteLoss
+from sae_ortho.training.trainer import Trainer
 
 MODELS = Path("models")
 TAU_TRACE = "tau_trace.npy"  # tau at every step of a run with a penalty
@@ -89,6 +90,17 @@ def log_live(live, stats: dict[str, float]) -> None:
     live.next_step()
 
 
+def keep_last_good(trainer: Trainer, ckpt_dir: Path, fingerprint: str) -> None:
+    """After a non-finite loss: on the CPU the state before the failing step (it was caught before being
+    applied); off it, the latest checkpoint (settled, so finite), as the trainer's state is past it."""
+    last_good = ckpt_dir / "last_good"
+    if trainer.log.sync_each_step:
+        save_checkpoint(trainer, last_good, fingerprint)
+    elif (ckpt_dir / CHECKPOINT).exists():
+        last_good.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ckpt_dir / CHECKPOINT, last_good / CHECKPOINT)
+
+
 def train(
     cfg: RunConfig,
     data: ActivationShards | BatchSource,
@@ -117,17 +129,18 @@ def train(
     total = t.steps if max_steps is None else min(t.steps, max_steps)
     bar = tqdm(total=t.steps, initial=trainer.step, unit="step", disable=not progress_bar)
     t0, step0 = time.perf_counter(), trainer.step
-    step_times: list[tuple[float, float]] = []  # (step, penalty) seconds of this process's steps
     snap_steps = snapshot_steps(t)
     while trainer.step < total:
         x = next(trainer.batches)
+        log_step = trainer.step % t.log_every == 0 or trainer.step + 1 == t.steps
         try:
             stats = trainer.train_step(x)
+            if not trainer.log.sync_each_step and (log_step or trainer.step % t.checkpoint_every == 0):
+                stats = trainer.log.settle(stats, len(x))  # the one sync: at logging and checkpoint steps
         except NonFiniteLoss:
-            save_checkpoint(trainer, ckpt_dir / "last_good", fp)  # state before the failing step
+            keep_last_good(trainer, ckpt_dir, fp)
             raise
-        step_times.append((stats["step_seconds"], stats["penalty_seconds"]))
-        if stats["step"] % t.log_every == 0 or trainer.step == t.steps:
+        if log_step:
             trainer.history.append(stats)
             log_live(live, stats)
             bar.set_postfix(fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}", tau=f"{stats['tau']:.3g}")
@@ -163,5 +176,5 @@ def train(
         "resumed": resumed,
         "input_scale": round(trainer.sae.cfg.input_scale, 6),
         "seconds": round(elapsed, 1),  # training loop of this run (a resumed run counts its own part)
-        **penalty_overhead(np.array(step_times)),
+        **penalty_overhead(np.array(trainer.log.times)),
     }

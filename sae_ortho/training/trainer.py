@@ -6,7 +6,8 @@ Per step:
          + tau_t * mean_{(i,j) in top pairs} (w_i . w_j)^2
 
 then the decoder gradient's component along each row is removed, Adam steps, and rows are
-renormalised to unit L2 norm. A non-finite loss raises NonFiniteLoss with the step number.
+renormalised to unit L2 norm. A non-finite loss raises NonFiniteLoss with the step number (off the CPU,
+at the next logging or checkpoint step: step_log.py).
 """
 
 from __future__ import annotations
@@ -35,12 +36,9 @@ from sae_ortho.training.sparse_ops import (
     positive_pattern,
     topk_pattern,
 )
+from sae_ortho.training.step_log import StepLog
 
 DENSE_FRACTION = 0.1  # above this share of active codes the dense step is faster
-
-
-class NonFiniteLoss(RuntimeError):
-    """The step's loss was NaN or infinite; the message names the step and the loss parts."""
 
 
 def matryoshka_loss(
@@ -78,6 +76,26 @@ def lr_at(step: int, t: params_mod.TrainParams) -> float:
     return t.lr
 
 
+def aux_k_loss(sae: SAE, ctx: dict, residual: torch.Tensor, dead: torch.Tensor, aux_k: int, sync_free: bool):
+    """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual.
+
+    `sync_free` (off the CPU): always aux_k picks, the ones that are not dead zeroed, and the loss times
+    "any dead", so no count is read on the host; the reconstruction adds exact zeros, so it is the same."""
+    pre = ctx["pre"]
+    k = aux_k if sync_free else min(aux_k, int(dead.sum()))
+    rows, cols, offsets = topk_pattern(pre, k, allowed=dead)
+    keep = dead[cols].to(pre.dtype) if sync_free else None
+    if ctx["sparse"]:
+        values = gather_pre_acts(pre, ctx["x_centred"], sae.W_enc, sae.b_enc, sae.b_dec, rows, cols).relu()
+        recon = decode_active(cols, offsets, values if keep is None else values * keep, sae.W_dec)
+    else:
+        picked = pre[rows, cols].relu()
+        f = torch.zeros_like(pre).index_put((rows, cols), picked if keep is None else picked * keep)
+        recon = f @ sae.W_dec
+    loss = ((residual - recon) ** 2).sum(-1).mean() / (residual**2).sum(-1).mean().clamp_min(1e-8)
+    return loss * dead.any() if sync_free else loss
+
+
 class Trainer:
     """One run's model, optimiser and step; checkpoint.py saves and restores it, train() drives it."""
 
@@ -110,6 +128,7 @@ class Trainer:
         if cfg.tau_replay and len(cfg.tau_replay) < t.steps:
             raise ValueError(f"tau_replay holds {len(cfg.tau_replay)} steps, the run takes {t.steps}")
         self._pre_buffer = torch.empty(0, device=device)
+        self.log = StepLog(device)
 
     def encode_decode(self, xs: torch.Tensor, sparse: bool | None = None) -> tuple[ActiveCodes, torch.Tensor, dict]:
         """Codes (CSR, differentiable values), reconstruction, and what AuxK needs.
@@ -145,24 +164,24 @@ class Trainer:
             ctx["pre"] = pre_grad
         return ActiveCodes(rows, cols, offsets, values), x_hat, ctx
 
-    def aux_k_loss(self, ctx: dict, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): dead latents' top-k_aux pre-activations reconstruct the residual."""
-        sae, pre = self.sae, ctx["pre"]
-        k = min(self.cfg.train.aux_k, int(dead.sum()))
-        rows, cols, offsets = topk_pattern(pre, k, allowed=dead)
-        if ctx["sparse"]:
-            values = gather_pre_acts(pre, ctx["x_centred"], sae.W_enc, sae.b_enc, sae.b_dec, rows, cols)
-            recon = decode_active(cols, offsets, values.relu(), sae.W_dec)
-        else:
-            f = torch.zeros_like(pre).index_put((rows, cols), pre[rows, cols].relu())
-            recon = f @ sae.W_dec
-        return ((residual - recon) ** 2).sum(-1).mean() / (residual**2).sum(-1).mean().clamp_min(1e-8)
+    def count_silent(self, batch: int, cols: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Tokens since each latent last fired; the dead mask. No data-dependent shape off the CPU."""
+        with torch.no_grad():
+            self.silent_tokens += batch
+            if self.log.sync_each_step:
+                self.silent_tokens[cols[active]] = 0
+            else:
+                fired = torch.zeros(len(self.silent_tokens), device=cols.device).index_add_(0, cols, active.float())
+                self.silent_tokens.masked_fill_(fired > 0, 0)
+            return self.silent_tokens >= self.cfg.train.dead_tokens
 
-    def train_step(self, x: torch.Tensor, sparse: bool | None = None) -> dict[str, float]:
+    def train_step(self, x: torch.Tensor, sparse: bool | None = None) -> dict:
+        """One step; its statistics as floats on the CPU, as tensors elsewhere until `self.log.settle`."""
         t, sae = self.cfg.train, self.sae
         # The penalty's own share of the step (selection, loss, gradient) is timed around its calls:
         # whole-run time differences swing by +-10% on a shared machine (absorption efficiency).
-        step_start, penalty_s = time.perf_counter(), 0.0
+        penalty_s = 0.0
+        self.log.start()
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t)
         xs = to_device(x, self.device) * sae.cfg.input_scale
@@ -170,26 +189,23 @@ class Trainer:
         err = xs - x_hat
         mse = (err**2).sum(-1).mean() / sae.cfg.d_in
         loss = mse
-        parts = {"mse": mse.item()}
+        parts = {"mse": mse.detach()}
         if self.cfg.matryoshka_prefixes:
             loss = matryoshka_loss(mse, xs, codes, sae, self.cfg.matryoshka_prefixes, self.cfg.matryoshka_sum)
-            parts["matryoshka"] = loss.item()
+            parts["matryoshka"] = loss.detach()
         active = codes.values.detach() > 0
-        if t.architecture == "batchtopk" and active.any():
+        if t.architecture == "batchtopk" and active.any():  # the threshold is host state: read every step
             smallest = float(codes.values.detach()[active].min())
             sae.cfg = replace(sae.cfg, threshold=batchtopk_threshold(sae.cfg.threshold, smallest, self.step, t.steps))
-        with torch.no_grad():
-            self.silent_tokens += len(x)
-            self.silent_tokens[codes.cols[active]] = 0
-            dead = self.silent_tokens >= t.dead_tokens
+        dead = self.count_silent(len(x), codes.cols, active)
         if t.architecture == "relu":
             l1 = (codes.values * sae.W_dec.norm(dim=1)[codes.cols]).sum() / len(x) / sae.cfg.d_in
             loss = loss + t.l1_coeff * l1
-            parts["l1"] = l1.item()
-        elif t.aux_coeff > 0 and dead.any():
-            aux = self.aux_k_loss(ctx, err.detach(), dead)
+            parts["l1"] = l1.detach()
+        elif t.aux_coeff > 0 and (not self.log.sync_each_step or dead.any()):
+            aux = aux_k_loss(sae, ctx, err.detach(), dead, t.aux_k, sync_free=not self.log.sync_each_step)
             loss = loss + t.aux_coeff * aux
-            parts["auxk"] = aux.item()
+            parts["auxk"] = aux.detach()
         tau = self.cfg.tau_replay[self.step] if self.cfg.tau_replay else self.tau.tau
         self.tau_trace.append(tau)
         penalty = self.penalty
@@ -201,9 +217,8 @@ class Trainer:
             if self.step % self.cfg.ortho.log_pairs_every == 0:
                 self.pair_log.append(penalty.log_rows(sae.W_dec, terms, self.step))
             self.tau.update(parts["mean_abs_cos"])
-        total = loss.item() + (tau * terms.value if penalty is not None else 0.0)
-        if not math.isfinite(total):
-            raise NonFiniteLoss(f"non-finite loss ({total}) at step {self.step}: {parts}")
+        penalty_value = tau * terms.value if penalty is not None else 0.0
+        self.log.check_finite(self.step, loss.detach(), penalty_value, parts)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if penalty is not None and tau > 0:
@@ -216,17 +231,17 @@ class Trainer:
         with torch.no_grad():
             centered = xs - xs.mean(0)
             fvu = (err**2).sum() / (centered**2).sum()
-        stats = {
+        raw = {
             "step": self.step,
-            "loss": total,
+            "loss": loss.detach(),
             **parts,
             "tau": tau,
             "lr": lr_at(self.step, t),
-            "l0": active.sum().item() / len(x),
-            "fvu": fvu.item(),
-            "dead_fraction": dead.float().mean().item(),
-            "step_seconds": time.perf_counter() - step_start,
+            "l0": active.sum(),  # a count: host_stats divides by the batch in Python
+            "fvu": fvu,
+            "dead_fraction": dead.float().mean(),
             "penalty_seconds": penalty_s,
+            "penalty_value": penalty_value,
         }
         self.step += 1
-        return stats
+        return self.log.finish(raw, len(x))
