@@ -20,12 +20,11 @@ def sync_free(monkeypatch):
 @pytest.mark.parametrize(
     ("cfg", "exact"),
     [
-        (RunConfig(TINY, seed=2), False),
         (RunConfig(replace(TINY, dead_tokens=300), seed=2, tau=0.05), False),  # AuxK early, and the penalty
         (RunConfig(replace(TINY, architecture="relu"), seed=2), True),  # no AuxK
         (RunConfig(replace(TINY, architecture="batchtopk"), seed=2), False),
     ],
-    ids=["topk", "topk_auxk_ortho", "relu", "batchtopk"],
+    ids=["topk_auxk_ortho", "relu", "batchtopk"],
 )
 def test_sync_free_path_trains_the_same_sae(shards, tmp_path, monkeypatch, cfg, exact):  # noqa: F811
     """Bitwise without AuxK. With it, the sync-free AuxK takes aux_k picks and zeroes the live ones: the
