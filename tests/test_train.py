@@ -143,6 +143,19 @@ def test_torch_selector_trains_the_numba_selectors_sae(shards, tmp_path):
     assert m_torch["mean_abs_cos"] == pytest.approx(m_numba["mean_abs_cos"], abs=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_low_precision_matmuls_keep_float32_weights_and_the_fit(shards, tmp_path, architecture):
+    """train.matmul_dtype bfloat16: the encoder's product (and the dense path's decoder, which an
+    untrained ReLU SAE takes) in bf16, weights and Adam in fp32; the fit stays that of fp32."""
+    base = replace(TINY, architecture=architecture, l1_coeff=0.3)
+    fp32_m, fp32 = run(RunConfig(base, seed=0), shards, tmp_path, "fp32")
+    bf16_m, bf16 = run(RunConfig(replace(base, matmul_dtype="bfloat16"), seed=0), shards, tmp_path, "bf16")
+    assert all(v.dtype == torch.float32 for v in bf16.state_dict().values())
+    assert not same_weights(fp32, bf16)  # the bf16 product was used
+    print(f"{architecture}: FVU fp32 {fp32_m['fvu']:.4f}, bf16 {bf16_m['fvu']:.4f}")
+    assert bf16_m["fvu"] == pytest.approx(fp32_m["fvu"], abs=0.03)
+
+
 def test_same_seed_same_weights(shards, tmp_path):
     cfg = RunConfig(TINY, seed=3, tau=0.1)
     _, a = run(cfg, shards, tmp_path, "a")

@@ -74,6 +74,9 @@ class TrainParams:
     buffer_shards: int = 2  # shards mixed in the shuffle buffer
     # shards: read data/activations; stream: compute the same shards from the LM as training needs them
     source: Literal["shards", "stream"] = "shards"
+    # dtype of the encoder's dense matmul (and of the decoder's, on the dense path); weights, Adam and
+    # the loss stay float32. bfloat16 about doubles the matmul rate on tensor-core GPUs.
+    matmul_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     normalize_inputs: bool = True  # scale inputs to mean norm sqrt(d_in); stored in the checkpoint
     aux_k: int = 256  # topk: AuxK latents used to revive dead ones
     aux_coeff: float = 0.03125

@@ -128,6 +128,7 @@ class Trainer:
         if cfg.tau_replay and len(cfg.tau_replay) < t.steps:
             raise ValueError(f"tau_replay holds {len(cfg.tau_replay)} steps, the run takes {t.steps}")
         self._pre_buffer = torch.empty(0, device=device)
+        self.matmul_dtype = getattr(torch, t.matmul_dtype)
         self.log = StepLog(device)
 
     def encode_decode(self, xs: torch.Tensor, sparse: bool | None = None) -> tuple[ActiveCodes, torch.Tensor, dict]:
@@ -143,7 +144,12 @@ class Trainer:
             # 16384) is page-faulted in again every time, ~8% of the step.
             if self._pre_buffer.shape != (len(xs), sae.cfg.d_sae):
                 self._pre_buffer = torch.empty(len(xs), sae.cfg.d_sae, device=xs.device)
-            pre = torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=self._pre_buffer)
+            pre = self._pre_buffer
+            if self.matmul_dtype == torch.float32:
+                torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=pre)
+            else:  # a low-precision product of float32 master weights, kept in float32
+                low = self.matmul_dtype
+                pre.copy_(torch.addmm(sae.b_enc.to(low), x_centred.to(low), sae.W_enc.to(low)))
         if sae.cfg.architecture == "topk":
             rows, cols, offsets = topk_pattern(pre, sae.cfg.k)
         elif sae.cfg.architecture == "batchtopk":
@@ -160,7 +166,7 @@ class Trainer:
             pre_grad = dense_pre_acts(pre, x_centred, sae.W_enc, sae.b_enc, sae.b_dec)
             f = torch.zeros_like(pre_grad).index_put((rows, cols), pre_grad[rows, cols].relu())
             values = f[rows, cols]
-            x_hat = f @ sae.W_dec + sae.b_dec
+            x_hat = (f.to(self.matmul_dtype) @ sae.W_dec.to(self.matmul_dtype)).float() + sae.b_dec
             ctx["pre"] = pre_grad
         return ActiveCodes(rows, cols, offsets, values), x_hat, ctx
 
