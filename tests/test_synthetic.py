@@ -208,6 +208,7 @@ def test_train_and_evaluate_an_arm_end_to_end(tmp_path):
     assert sum(v["mean"] for v in h["kept_pairs_last20pct"].values()) == pytest.approx(1, abs=1e-4)
     settings = ortho["settings"]
     assert settings["pair_budget"] == 3 and settings["tau"] == 1.0 and settings["train"]["d_sae"] == 24
+    assert settings["device"] == str(p.torch_device)  # recorded; the runs trained there
     run = tmp_path / "ortho" / "flat" / "seed_0"
     assert (run / "pairs.parquet").exists() and SAE.load(run).cfg.d_sae == 24
     matching = json.loads((run / "matching.json").read_text())

@@ -87,6 +87,7 @@ def load_manifest(letters_dir: Path) -> dict:
 
 
 def _fvu(sae, x: torch.Tensor) -> float:
+    x = x.to(sae.W_dec.device)  # the probe's cached activations are on the host
     with torch.no_grad():
         err = ((x - sae.decode(sae.encode(x))) ** 2).sum()
         return float(err / ((x - x.mean(0)) ** 2).sum())

@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.io import atomic_dir, atomic_write_text, sha256_file
 from sae_ortho.base.params import OFFLINE_TASKS, SAEBENCH_HUB_TASKS, Params
 
@@ -182,11 +183,14 @@ class TaskActs:
     token_ids: torch.Tensor  # [n_tokens] int32
     index: pd.DataFrame  # label, split, example, offset, length
 
-    def pooled(self, split: str, pool: Callable[[dict], dict], chunk: int) -> dict[str, torch.Tensor]:
-        """class -> pool({class: zero-padded fp32 [b, len, d]}) rows, in index order.
+    def pooled(
+        self, split: str, pool: Callable[[dict], dict], chunk: int, device: torch.device = HOST
+    ) -> dict[str, torch.Tensor]:
+        """class -> pool({class: zero-padded fp32 [b, len, d]}) rows, in index order, on the host.
 
-        `pool` is one of SAEBench's pooling functions (they skip all-zero positions). Examples go in
-        length-sorted chunks, each padded only to its own longest, which changes nothing but the work.
+        `pool` is one of SAEBench's pooling functions (they skip all-zero positions); it runs on `device`
+        (an SAE's, so that its [b, len, d_sae] codes never cross to the host). Examples go in length-sorted
+        chunks, each padded only to its own longest, which changes nothing but the work.
         """
         out = {}
         for label, rows in self.index[self.index["split"] == split].groupby("label", sort=False):
@@ -197,7 +201,7 @@ class TaskActs:
                 block = torch.zeros(len(sel), int(sel["length"].max()), self.acts.shape[1])
                 for i, (o, n) in enumerate(zip(sel["offset"], sel["length"], strict=True)):
                     block[i, :n] = self.acts[o : o + n].float()
-                parts.append(pool({str(label): block})[str(label)].float())
+                parts.append(pool({str(label): block.to(device)})[str(label)].float().to(HOST))
             pooled = torch.cat(parts)
             out[str(label)] = torch.empty_like(pooled).index_copy_(0, order, pooled)
         return out

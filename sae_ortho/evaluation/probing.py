@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.params import Params
 from sae_ortho.evaluation.probe_cache import (
     INDEX,
@@ -70,10 +71,11 @@ def sae_probe_results(sae, acts_dir: Path, p: Params, progress_bar: bool = True)
     llm = json.loads((acts_dir / LLM_RESULTS).read_text())["per_class"]
     index = pd.read_parquet(acts_dir / INDEX)
     sae_pool = functools.partial(get_sae_meaned_activations, sae=_Encoder(sae), sae_batch_size=p.probing.batch_size)
+    device = next(iter(sae.parameters())).device if hasattr(sae, "parameters") else HOST
     details, unstructured = [], {}
     for task in tqdm(p.probing.tasks, desc="SAE probes (tasks)", disable=not progress_bar):
         ta = TaskActs.load(acts_dir, task, index)
-        pooled = {s: ta.pooled(s, sae_pool, p.probing.batch_size) for s in SPLITS}
+        pooled = {s: ta.pooled(s, sae_pool, p.probing.batch_size, device) for s in SPLITS}
         sae_acc = probe_accuracies(pooled["train"], pooled["test"], p.probing.k_values, "sae", p.probing.seed)
         unstructured[task] = {**llm[task], **sae_acc}
         details.append({"dataset_name": task, **mean_accuracies(unstructured[task])})

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sae_ortho.base.device import HOST
 from sae_ortho.base.io import temp_sibling
 from sae_ortho.base.params import Params, SyntheticHierarchy, SyntheticParams
 from sae_ortho.base.stats import bootstrap_ci
@@ -134,7 +135,7 @@ def aggregate(h: SyntheticHierarchy, pairs: np.ndarray, runs: list[tuple[dict, d
     return out
 
 
-def settings(s: SyntheticParams, cfg: RunConfig) -> dict:
+def settings(s: SyntheticParams, cfg: RunConfig, device: torch.device = HOST) -> dict:
     out = {
         "train": asdict(s.train),
         "steps": s.train.steps,
@@ -144,6 +145,7 @@ def settings(s: SyntheticParams, cfg: RunConfig) -> dict:
         "uses_ortho": cfg.uses_ortho,
         "sae_lens_version": version("sae-lens"),
         "threads_per_run": 1,  # torch and numba (single_thread)
+        "device": str(device),
     }
     if cfg.uses_ortho:
         out |= {
@@ -173,6 +175,7 @@ class SyntheticJob:
     ckpt_dir: Path
     curve: bool = False
     reseed: int | None = None
+    device: torch.device = HOST  # training's; the evaluation runs on the host
 
 
 def run_jobs(jobs: list[SyntheticJob], workers: int, desc: str, progress_bar: bool = True) -> list[tuple]:
@@ -222,11 +225,14 @@ def run_arm(
     base = replace(cfg, train=s.train) if cfg is not None else synthetic_run_config(p, arm, 0)
     tmp = temp_sibling(out_dir)
     jobs = [
-        SyntheticJob(s, replace(base, seed=seed), h, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}")
+        SyntheticJob(
+            s, replace(base, seed=seed), h, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}",
+            device=p.torch_device,
+        )
         for h in s.hierarchies
         for seed in s.seeds
     ]
-    result: dict = {"arm": arm, "settings": {**settings(s, base), "workers": workers}, "hierarchies": {}}
+    result: dict = {"arm": arm, "settings": {**settings(s, base, p.torch_device), "workers": workers}, "hierarchies": {}}
     t0 = time.perf_counter()
     runs = run_jobs(jobs, workers, f"synthetic {arm}", progress_bar)
     for h in s.hierarchies:
@@ -273,7 +279,7 @@ def _one_run(job: SyntheticJob) -> tuple[dict, dict, np.ndarray]:
         _MODELS[(s, h)] = (model, source, parent_child_pairs(model))
     model, source, pairs = _MODELS[(s, h)]
     cfg = replace(job.cfg, train=replace(job.cfg.train, snapshots=CURVE_POINTS)) if job.curve else job.cfg
-    metrics = train(cfg, source, run_dir, job.ckpt_dir, progress_bar=False)
+    metrics = train(cfg, source, run_dir, job.ckpt_dir, progress_bar=False, device=job.device)
     sae = SAE.load(run_dir)
     ev = evaluate(sae, model, pairs, s)
     matching = {

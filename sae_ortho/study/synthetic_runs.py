@@ -50,7 +50,7 @@ def grid_jobs(
                         cfg = replace(cfg, tau_replay=tau_trace(group, spec.tau_from, where))
                     curve = group == "headline" and n < grid.curve_seeds
                     reseed = s.eval_seed + grid.reseed if group == "headline" and arm == "baseline" else None
-                    jobs.append((cell, SyntheticJob(s, cfg, h, root / where, ckpt / where, curve, reseed)))
+                    jobs.append((cell, SyntheticJob(s, cfg, h, root / where, ckpt / where, curve, reseed, p.torch_device)))
     return jobs
 
 
@@ -108,7 +108,7 @@ def run_study_synthetic(p: Params, study: StudyParams, group: str, arm: str) -> 
     jobs = grid_jobs(p, study, group, arm, tmp, ckpt)
     t0 = time.perf_counter()
     runs = run_jobs([j for _, j in jobs], min(2, os.cpu_count() or 1), f"synthetic {group} {arm}")
-    full: dict = {"arm": arm, "settings": settings(jobs[0][1].s, jobs[0][1].cfg), "cells": {}}
+    full: dict = {"arm": arm, "settings": settings(jobs[0][1].s, jobs[0][1].cfg, p.torch_device), "cells": {}}
     for cell in dict.fromkeys(c for c, _ in jobs):
         full["cells"][cell] = {}
         for h in jobs[0][1].s.hierarchies:
