@@ -226,13 +226,18 @@ def run_arm(
     tmp = temp_sibling(out_dir)
     jobs = [
         SyntheticJob(
-            s, replace(base, seed=seed), h, tmp / h.name / f"seed_{seed}", ckpt_root / h.name / f"seed_{seed}",
+            s,
+            replace(base, seed=seed),
+            h,
+            tmp / h.name / f"seed_{seed}",
+            ckpt_root / h.name / f"seed_{seed}",
             device=p.torch_device,
         )
         for h in s.hierarchies
         for seed in s.seeds
     ]
-    result: dict = {"arm": arm, "settings": {**settings(s, base, p.torch_device), "workers": workers}, "hierarchies": {}}
+    given = {**settings(s, base, p.torch_device), "workers": workers}
+    result: dict = {"arm": arm, "settings": given, "hierarchies": {}}
     t0 = time.perf_counter()
     runs = run_jobs(jobs, workers, f"synthetic {arm}", progress_bar)
     for h in s.hierarchies:

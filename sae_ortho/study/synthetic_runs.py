@@ -50,7 +50,8 @@ def grid_jobs(
                         cfg = replace(cfg, tau_replay=tau_trace(group, spec.tau_from, where))
                     curve = group == "headline" and n < grid.curve_seeds
                     reseed = s.eval_seed + grid.reseed if group == "headline" and arm == "baseline" else None
-                    jobs.append((cell, SyntheticJob(s, cfg, h, root / where, ckpt / where, curve, reseed, p.torch_device)))
+                    job = SyntheticJob(s, cfg, h, root / where, ckpt / where, curve, reseed, p.torch_device)
+                    jobs.append((cell, job))
     return jobs
 
 
