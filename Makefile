@@ -12,7 +12,7 @@ export PYTHONPATH := $(CURDIR)
 # DVC runs stage commands with `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro study test test-slow bench lint clean-venv
+.PHONY: install repro study test test-slow test-hub bench lint clean-venv
 
 install: $(STAMP)
 
@@ -36,11 +36,15 @@ study: $(STAMP)
 	$(VENV)/bin/dvc repro dvc.yaml study/dvc.yaml
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not slow and not hub" tests
 
 # Tests marked slow: another model family through a second tiny `dvc repro` (tests/test_any_model.py).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q --durations=5 -m slow tests
+
+# Tests marked hub: SAEBench's pythia-70m reference SAE on our hub-model extraction (tests/test_hub.py).
+test-hub: $(STAMP)
+	$(PY) -m pytest -q -s -m hub tests
 
 bench: $(STAMP)
 	$(PY) -m bench.extract
