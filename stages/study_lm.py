@@ -23,12 +23,13 @@ import torch
 
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
-from sae_ortho.base.paths import ACTIVATIONS
+from sae_ortho.base.paths import ACTIVATIONS, CORPUS
 from sae_ortho.base.study_params import load_study_or_exit
 from sae_ortho.data.lm import load_model_or_exit
-from sae_ortho.data.shards import ActivationShards
+from sae_ortho.data.stream import training_shards
 from sae_ortho.study.arms import arm_spec, run_config_for
 from sae_ortho.study.evaluate import BrokenSAE, evaluate, pair_stability
+from sae_ortho.training.batches import ShardSource
 from sae_ortho.training.step_log import NonFiniteLoss
 from sae_ortho.training.train import train
 
@@ -48,8 +49,7 @@ def main() -> None:
     spec_group = "headline" if args.group == "scaling" else args.group
     try:
         spec = arm_spec(study, spec_group, args.arm)
-        shards = ActivationShards(ACTIVATIONS)
-    except (params_mod.ParamError, FileNotFoundError) as err:
+    except params_mod.ParamError as err:
         sys.exit(f"error: {err}")
     seed = args.seed if args.seed is not None else p.sae_seed
     tokens = {"sweep": study.sweep_tokens, "ablation": study.sweep_tokens, "headline": p.train.train_tokens}.get(
@@ -60,12 +60,17 @@ def main() -> None:
     run = {"headline": f"{args.arm}_s{seed}", "scaling": f"{args.arm}_t{tokens}"}.get(args.group, args.arm)
     train_params = replace(p.train, train_tokens=tokens, snapshots=0)
     cfg = run_config_for(spec, p, train_params, seed, study.topk_fraction)
-    model = load_model_or_exit(p)  # before training: a missing model fails in seconds, not after it
     out_dir, ckpt = MODELS / args.group / run, MODELS / args.group / f".ckpt_{run}"
+    model = load_model_or_exit(p)  # before training: a missing model fails in seconds, not after it
+    try:  # train.source: stream reads the extraction's index and computes its shards with the model
+        shards = training_shards(p, ACTIVATIONS, CORPUS, ckpt / "stream_tokens", lambda: model)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
     t0 = time.perf_counter()
     try:
         names = shards.manifest["model"], shards.manifest["hook_name"]
-        training = train(cfg, shards, out_dir, ckpt, *names, device=p.torch_device)
+        source = ShardSource(shards, p.train.buffer_shards)
+        training = train(cfg, source, out_dir, ckpt, *names, device=p.torch_device)
     except NonFiniteLoss as err:
         sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
     train_seconds = time.perf_counter() - t0

@@ -10,36 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from sae_ortho.base import device
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.paths import ACTIVATIONS, CORPUS
-from sae_ortho.data.shards import ActivationShards
+from sae_ortho.data.stream import training_shards
 from sae_ortho.training.batches import ShardSource
 from sae_ortho.training.run_config import run_config
 from sae_ortho.training.step_log import NonFiniteLoss
 from sae_ortho.training.train import METRICS, MODELS, train
 
 
-def stored_shards() -> ActivationShards:
-    try:
-        return ActivationShards(ACTIVATIONS)
-    except FileNotFoundError as err:
-        sys.exit(f"error: {err}")
+def lm_or_exit(p: params_mod.Params):
+    from sae_ortho.data.lm import load_model_or_exit  # transformer_lens: imported only when streaming
 
-
-def streamed_shards(p: params_mod.Params, token_dir: Path):
-    """train.source: stream: the extraction's shards computed by the LM when the shuffler needs them."""
-    from sae_ortho.data.lm import load_model_or_exit
-    from sae_ortho.data.stream import StreamedShards
-
-    model = load_model_or_exit(p)
-    try:
-        return StreamedShards(p, model, CORPUS, token_dir)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    return load_model_or_exit(p)
 
 
 def main() -> None:
@@ -53,7 +39,10 @@ def main() -> None:
     else:
         models, metrics_dir, run_name = MODELS / "seeds", METRICS / "seeds", f"{args.name}_s{args.seed}"
     ckpt = models / f".ckpt_{run_name}"  # removed when training ends, the streamed run's token ids with it
-    shards = streamed_shards(p, ckpt / "stream_tokens") if p.train.source == "stream" else stored_shards()
+    try:  # stream: the extraction's shards computed by the LM when the shuffler needs them
+        shards = training_shards(p, ACTIVATIONS, CORPUS, ckpt / "stream_tokens", lambda: lm_or_exit(p))
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
     if shards.n_tokens < p.train.batch_size:
         sys.exit(f"error: the training data holds {shards.n_tokens} tokens, fewer than train.batch_size")
     cfg = run_config(p, args.name, args.seed)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from sae_ortho.base.params import ExtractParams, Params
+from sae_ortho.data import extract as extract_mod
 from sae_ortho.data.extract import extract
 from sae_ortho.data.shards import ActivationShards
-from sae_ortho.data.stream import StreamedShards
+from sae_ortho.data.stream import StreamedShards, training_shards
+from sae_ortho.evaluation.heldout import training_mean
 from sae_ortho.training.batches import ShardSource
 from sae_ortho.training.run_config import RunConfig
 from sae_ortho.training.sae import SAE
@@ -20,6 +22,7 @@ from tests.conftest import write_small_corpus
 from tests.test_train import TINY
 
 PARAMS = Params(extract=ExtractParams(context_len=64, n_tokens=6000, shard_tokens=1260, batch_size=8))
+STREAM = replace(PARAMS, train=replace(PARAMS.train, source="stream"))
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,15 @@ def stored(model, tmp_path_factory):
     write_small_corpus(root / "corpus.parquet", n_docs=200)
     extract(PARAMS, model, root / "corpus.parquet", root / "acts", root / "acts.partial", progress_bar=False)
     return root / "corpus.parquet", ActivationShards(root / "acts")
+
+
+@pytest.fixture(scope="module")
+def index_only(model, stored, tmp_path_factory) -> ActivationShards:
+    """What the extract stage writes for train.source: stream."""
+    corpus, _ = stored
+    root = tmp_path_factory.mktemp("index_only")
+    extract(STREAM, model, corpus, root / "acts", root / "acts.partial", progress_bar=False)
+    return ActivationShards(root / "acts")
 
 
 def run(cfg, data, tmp_path, name, **kw):
@@ -47,13 +59,13 @@ def test_streamed_shards_are_the_stored_shards(model, stored, tmp_path):
     assert streamed.manifest["norm"]["mean"] == shards.manifest["norm"]["mean"]  # same sums, same order
 
 
-def test_streamed_training_is_stored_training(model, stored, tmp_path):
+def test_streamed_training_is_stored_training(model, stored, index_only, tmp_path):
     corpus, shards = stored
     cfg = RunConfig(train=TINY, seed=3, tau=0.05)
     ref_metrics, ref = run(cfg, shards, tmp_path, "stored")
-    all_shards = StreamedShards(PARAMS, model, corpus, tmp_path / "t1", norm_shards=len(shards))
-    _, exact = run(cfg, all_shards, tmp_path, "streamed_exact")
-    for key, value in ref.state_dict().items():  # the input scale from every shard: the same run, bitwise
+    over_index = StreamedShards(STREAM, model, corpus, tmp_path / "t1", extraction=index_only.manifest)
+    _, exact = run(cfg, over_index, tmp_path, "streamed_exact")
+    for key, value in ref.state_dict().items():  # the extraction's input scale: the same run, bitwise
         assert torch.equal(value, exact.state_dict()[key]), key
     estimated = StreamedShards(PARAMS, model, corpus, tmp_path / "t2")  # default: scale from 2 of 5 shards
     metrics, _ = run(cfg, estimated, tmp_path, "streamed")
@@ -76,3 +88,38 @@ def test_killed_streamed_run_resumes_to_the_same_weights(model, stored, tmp_path
     assert metrics["resumed"] and metrics["steps"] == 30
     for key, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_index_only_extraction_keeps_what_evaluation_reads(stored, index_only):
+    """train.source: stream: no shard files, but the same shard hashes, norm statistics and training mean."""
+    _, shards = stored
+    assert not index_only.stored and not list(index_only.directory.glob("shard_*.safetensors"))
+    assert [s.sha256 for s in index_only.shards] == [s.sha256 for s in shards.shards]  # the bytes it would write
+    assert index_only.manifest["norm"] == shards.manifest["norm"]
+    assert torch.equal(training_mean(index_only), training_mean(shards))
+    for i in range(len(shards)):
+        assert index_only.index(i).equals(shards.index(i))
+    with pytest.raises(ValueError, match="holds only the shard index"):
+        index_only.load(0)
+    with pytest.raises(ValueError, match="rerun the extract stage with train.source: shards"):
+        training_shards(PARAMS, index_only.directory, None, None, lambda: None)
+
+
+def test_interrupted_index_only_extraction_resumes_to_the_same_sum(model, stored, index_only, tmp_path, monkeypatch):
+    corpus, _ = stored
+    write = extract_mod.write_shard
+
+    def fail_at_third(directory, shard_idx, *args):
+        if shard_idx == 2:
+            raise KeyboardInterrupt
+        return write(directory, shard_idx, *args)
+
+    monkeypatch.setattr(extract_mod, "write_shard", fail_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        extract(STREAM, model, corpus, tmp_path / "acts", tmp_path / "acts.partial", progress_bar=False)
+    monkeypatch.setattr(extract_mod, "write_shard", write)
+    metrics = extract(STREAM, model, corpus, tmp_path / "acts", tmp_path / "acts.partial", progress_bar=False)
+    assert metrics["resumed_from_context"] > 0
+    resumed = ActivationShards(tmp_path / "acts").manifest
+    assert resumed["activation_sum"] == index_only.manifest["activation_sum"]
+    assert resumed["shards"] == index_only.manifest["shards"]

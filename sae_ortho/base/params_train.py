@@ -72,7 +72,8 @@ class TrainParams:
     batch_size: int = 1024
     train_tokens: int = 1_000_000
     buffer_shards: int = 2  # shards mixed in the shuffle buffer
-    # shards: read data/activations; stream: compute the same shards from the LM as training needs them
+    # shards: extract stores data/activations, training reads them; stream: extract keeps only the index and
+    # statistics, training computes the same shards from the LM as it needs them
     source: Literal["shards", "stream"] = "shards"
     # dtype of the encoder's dense matmul (and of the decoder's, on the dense path); weights, Adam and
     # the loss stay float32. bfloat16 about doubles the matmul rate on tensor-core GPUs.

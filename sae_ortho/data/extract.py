@@ -9,6 +9,10 @@ recorded in `progress.json`; a rerun with the same fingerprint (params + corpus 
 continues after the last complete shard. Each shard is computed in its own batches, so a
 resumed run writes bit-identical shards. The finished directory is renamed to
 `data/activations/` in one step, so DVC never caches a half-written output.
+
+With `train.source: stream` the shard files are not written: the model still runs over every context (the
+manifest's norm statistics, per-shard sha256 and activation sum come from the computed shards), and the
+directory keeps the manifest and the token index only; training recomputes the shards from the LM.
 """
 
 from __future__ import annotations
@@ -99,19 +103,21 @@ def fingerprint(p: params_mod.Params, corpus_sha: str) -> str:
             "extract": asdict(p.extract),
             "corpus": corpus_sha,
             "lm_dtype": p.lm_dtype,
+            **({"index_only": True} if p.train.source == "stream" else {}),
         },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_progress(partial: Path, fp: str) -> list[ShardInfo]:
+def load_progress(partial: Path, fp: str, store: bool = True) -> list[ShardInfo]:
     """Completed shards of an interrupted run with the same fingerprint; otherwise start clean."""
     progress = partial / PROGRESS
     if progress.exists():
         state = json.loads(progress.read_text())
         shards = [ShardInfo(**s) for s in state["shards"]]
-        if state["fingerprint"] == fp and all((partial / s.file).exists() for s in shards):
+        files = [f for s in shards for f in ([s.file, s.index_file] if store else [s.index_file])]
+        if state["fingerprint"] == fp and all((partial / f).exists() for f in files):
             return shards
     if partial.exists():
         shutil.rmtree(partial)
@@ -174,8 +180,9 @@ def extract(
     if bos is None:
         raise ValueError(f"model {p.model} has no BOS token; extraction prepends BOS to every context")
 
+    store = p.train.source == "shards"
     fp = fingerprint(p, sha256_file(corpus))
-    done = load_progress(partial, fp)
+    done = load_progress(partial, fp, store)
     start_context = sum(s.n_contexts for s in done)
     try:
         all_token_ids, all_doc_ids = tokenise(corpus, tokenizer, body_len, n_contexts, partial)
@@ -187,6 +194,14 @@ def extract(
 
     run = capture_fn(model, p.hook_name, stop_at_layer=p.layer + 1)
     dtype = DTYPES[ex.dtype]
+    # Index-only (train.source: stream): the sum the evaluation's training mean needs, accumulated shard by
+    # shard as ActivationShards.activation_sum does, and kept in progress.json with the shards it covers.
+    activation_sum = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+    if done and not store:
+        activation_sum = torch.tensor(
+            json.loads((partial / PROGRESS).read_text())["activation_sum"], dtype=torch.float64
+        )
+    sum_after: dict[int, list[float]] = {}  # shards done -> the sum over them
 
     t0 = time.perf_counter()
     tokens_this_run = 0
@@ -195,7 +210,10 @@ def extract(
 
     def record(info: ShardInfo) -> None:
         done.append(info)
-        atomic_write_text(partial / PROGRESS, json.dumps({"fingerprint": fp, "shards": [asdict(s) for s in done]}))
+        state = {"fingerprint": fp, "shards": [asdict(s) for s in done]}
+        if not store:
+            state["activation_sum"] = sum_after[len(done)]
+        atomic_write_text(partial / PROGRESS, json.dumps(state))
 
     bar = tqdm(total=n_contexts * body_len, initial=start_context * body_len, unit="tok", disable=not progress_bar)
     with torch.inference_mode():
@@ -210,9 +228,12 @@ def extract(
                 "doc_id": np.array(all_doc_ids[first : first + count]).reshape(-1),
                 "token_id": token_ids.reshape(-1),
             }
+            if not store:
+                activation_sum += activations.double().sum(0)
+                sum_after[shard_idx + 1] = activation_sum.tolist()
             if pending is not None:
                 record(pending.result())
-            pending = writer.submit(write_shard, partial, shard_idx, activations, index, first, count)
+            pending = writer.submit(write_shard, partial, shard_idx, activations, index, first, count, store)
             tokens_this_run += activations.shape[0]
         if pending is not None:
             record(pending.result())
@@ -231,6 +252,8 @@ def extract(
         "fingerprint": fp,
         **device.record(p.torch_device, p.torch_lm_dtype),
     }
+    if not store:
+        meta |= {"stored": False, "activation_sum": activation_sum.tolist()}
     manifest = write_manifest(partial, meta, done)
     del all_token_ids, all_doc_ids
     for name in (PROGRESS, TOKENS, DOC_IDS):

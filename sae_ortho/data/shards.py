@@ -6,12 +6,16 @@ Layout of an activation directory:
     index/shard_00000.parquet     one row per activation: context_id, position, doc_id, token_id
 
 BOS positions are never stored (their residual norm is orders of magnitude above the rest).
+An index-only directory (extracted for `train.source: stream`) has the manifest and the index but no
+shard files: the manifest keeps each shard's sha256 and norm statistics, and the float64 sum of every
+activation (`activation_sum`), which is all the evaluation stages read from the training activations.
 Files are written under a temporary name and renamed into place, so a reader (or DVC) never
 sees a half-written shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from sae_ortho.base.io import atomic_file, atomic_write_text, sha256_file
 
@@ -65,12 +69,19 @@ def write_shard(
     index: dict[str, np.ndarray],
     first_context: int,
     n_contexts: int,
+    store: bool = True,
 ) -> ShardInfo:
-    """Write one shard and its index atomically; return what the manifest needs."""
+    """Write one shard (unless `store` is False: index only) and its index atomically; return what the
+    manifest needs. An unstored shard's sha256 is that of the file it would have been."""
     name = shard_name(shard_idx)
     path = directory / name
-    with atomic_file(path) as tmp:
-        save_file({TENSOR_KEY: activations.contiguous()}, str(tmp))
+    if store:
+        with atomic_file(path) as tmp:
+            save_file({TENSOR_KEY: activations.contiguous()}, str(tmp))
+        digest, size = sha256_file(path), path.stat().st_size
+    else:
+        blob = save({TENSOR_KEY: activations.contiguous()})
+        digest, size = hashlib.sha256(blob).hexdigest(), 0
 
     index_dir = directory / "index"
     index_dir.mkdir(exist_ok=True)
@@ -85,8 +96,8 @@ def write_shard(
         n_tokens=int(activations.shape[0]),
         first_context=first_context,
         n_contexts=n_contexts,
-        sha256=sha256_file(path),
-        bytes=path.stat().st_size + index_path.stat().st_size,
+        sha256=digest,
+        bytes=size + index_path.stat().st_size,
         norm_sum=float(norms.sum()),
         norm_sq_sum=float((norms**2).sum()),
         norm_min=float(norms.min()),
@@ -139,10 +150,29 @@ class ActivationShards:
     def n_tokens(self) -> int:
         return int(self.manifest["n_tokens"])
 
+    @property
+    def stored(self) -> bool:
+        """False for an index-only directory (extracted for train.source: stream)."""
+        return bool(self.manifest.get("stored", True))
+
+    def activation_sum(self) -> torch.Tensor:
+        """Float64 sum of every activation, shard by shard in order (from the manifest when index-only)."""
+        if not self.stored:
+            return torch.tensor(self.manifest["activation_sum"], dtype=torch.float64)
+        total = torch.zeros(self.d_in, dtype=torch.float64)
+        for shard in self:
+            total += shard.double().sum(0)
+        return total
+
     def __len__(self) -> int:
         return len(self.shards)
 
     def load(self, i: int, verify: bool = False) -> torch.Tensor:
+        if not self.stored:
+            raise ValueError(
+                f"{self.directory} holds only the shard index (extracted with train.source: stream): train with "
+                "train.source: stream, or set train.source: shards and rerun the extract stage"
+            )
         info = self.shards[i]
         path = self.directory / info.file
         if verify and sha256_file(path) != info.sha256:

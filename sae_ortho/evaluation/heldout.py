@@ -208,10 +208,7 @@ def spliced_losses(
 
 def training_mean(activations: ActivationShards) -> torch.Tensor:
     """Mean training activation (fp64 accumulation): the mean-ablation value."""
-    total = torch.zeros(activations.d_in, dtype=torch.float64)
-    for shard in activations:
-        total += shard.double().sum(0)
-    return (total / activations.n_tokens).float()
+    return (activations.activation_sum() / activations.n_tokens).float()
 
 
 @torch.no_grad()
