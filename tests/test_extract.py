@@ -88,7 +88,7 @@ def test_killed_extraction_resumes_without_loss_or_duplication(model, tmp_path):
     deadline = time.time() + 300
     killed_after = 0
     while time.time() < deadline and proc.poll() is None:
-        progress = partial / "progress.json"
+        progress = partial / "progress.r0.json"
         if progress.exists():
             killed_after = len(json.loads(progress.read_text())["shards"])
             if killed_after >= 3:

@@ -35,6 +35,11 @@ def resolve(spec: str) -> torch.device:
     return device
 
 
+def on_local_rank(device: torch.device, local_rank: int) -> torch.device:
+    """Data parallel: each process on a node takes the GPU of its local rank; CPU ranks share the host."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
 def on_host(x: torch.Tensor | torch.device) -> bool:
     """Whether a tensor (or device) is on the CPU, where the numba kernels run."""
     return (x if isinstance(x, torch.device) else x.device).type == HOST.type

@@ -28,7 +28,7 @@ from sae_ortho.base.params_eval import (
     SyntheticHierarchy,
     SyntheticParams,
 )
-from sae_ortho.base.params_train import DataParams, ExtractParams, OrthoParams, TrainParams
+from sae_ortho.base.params_train import DataParams, DistParams, ExtractParams, OrthoParams, TrainParams
 from sae_ortho.base.schema import ParamError, build, check, read_yaml
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "AbsorptionParams",
     "CoreParams",
     "DataParams",
+    "DistParams",
     "ExtractParams",
     "HeldoutParams",
     "LettersParams",
@@ -64,6 +65,7 @@ class Params:
     corpus: str = "embedded"
     device: str = "cpu"  # cpu | cuda | cuda:N | auto (first GPU if any); cpu by default: same bits on any machine
     lm_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dist: DistParams = field(default_factory=DistParams)
     data: DataParams = field(default_factory=DataParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
     tau: float = 0.1
@@ -127,6 +129,7 @@ class Params:
         check(self.lm_dtype in device.LM_DTYPES, "lm_dtype", f"must be one of {', '.join(device.LM_DTYPES)}")
         check(self.tau >= 0, "tau", f"must be >= 0, got {self.tau}")
         check(0 < self.topk_fraction <= 1, "topk_fraction", f"must be in (0, 1], got {self.topk_fraction}")
+        self.dist.validate()
         self.data.validate()
         self.extract.validate()
         self.train.validate()

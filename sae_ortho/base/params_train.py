@@ -122,3 +122,16 @@ class OrthoParams:
         check(0 <= self.target <= 1, f"{prefix}.target", "must be in [0, 1]")
         check(self.tau_lr >= 0, f"{prefix}.tau_lr", "must be >= 0")
         check(self.log_pairs_every >= 1, f"{prefix}.log_pairs_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistParams:
+    """Data parallel (sae_ortho/base/dist.py): processes per node and nodes; stages relaunch under torchrun."""
+
+    nproc_per_node: int = 1  # > 1: the stage reruns itself as `torchrun --standalone --nproc-per-node N`
+    nnodes: int = 1  # > 1: start torchrun on every node yourself (README: "Data parallel")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+    def validate(self, prefix: str = "dist") -> None:
+        check(self.nproc_per_node >= 1, f"{prefix}.nproc_per_node", "must be >= 1")
+        check(self.nnodes >= 1, f"{prefix}.nnodes", "must be >= 1")

@@ -5,7 +5,7 @@ stream (documents concatenated, each followed by EOS). BOS activations are dropp
 stored activation is a real text position; `n_tokens` counts stored activations.
 
 Resumable: shards are built in `data/activations.partial/` and each completed shard is
-recorded in `progress.json`; a rerun with the same fingerprint (params + corpus hash)
+recorded in its rank's `progress.r<rank>.json`; a rerun with the same fingerprint (params + corpus hash)
 continues after the last complete shard. Each shard is computed in its own batches, so a
 resumed run writes bit-identical shards. The finished directory is renamed to
 `data/activations/` in one step, so DVC never caches a half-written output.
@@ -33,17 +33,16 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from sae_ortho.base import device
+from sae_ortho.base import device, dist
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.device import HOST, to_device
-from sae_ortho.base.io import atomic_write_text, sha256_file
+from sae_ortho.base.io import atomic_file, atomic_write_text, sha256_file
 from sae_ortho.base.paths import CORPUS
 from sae_ortho.data.shards import DTYPES, ShardInfo, write_manifest, write_shard
 
 OUT_DIR = Path("data/activations")
 PARTIAL_DIR = Path("data/activations.partial")
 METRICS = Path("metrics/extract.json")
-PROGRESS = "progress.json"
 TOKENS, DOC_IDS = "tokens.npy", "doc_ids.npy"  # the run's token stream, in the partial directory
 
 
@@ -87,6 +86,7 @@ def tokenise(corpus: Path, tokenizer, body_len: int, n_contexts: int, directory:
     token_ids = np.lib.format.open_memmap(directory / TOKENS, mode="w+", dtype=np.int32, shape=(n,))
     doc_ids = np.lib.format.open_memmap(directory / DOC_IDS, mode="w+", dtype=np.int64, shape=(n,))
     filled = fill_stream(document_tokens(corpus, tokenizer), token_ids, doc_ids)
+    token_ids.flush(), doc_ids.flush()  # other ranks open the files once rank 0 returns
     if filled == n:
         return token_ids.reshape(n_contexts, body_len), doc_ids.reshape(n_contexts, body_len)
     raise ValueError(
@@ -110,19 +110,46 @@ def fingerprint(p: params_mod.Params, corpus_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_progress(partial: Path, fp: str, store: bool = True) -> list[ShardInfo]:
-    """Completed shards of an interrupted run with the same fingerprint; otherwise start clean."""
-    progress = partial / PROGRESS
-    if progress.exists():
+def progress_file(rank: int) -> str:
+    return f"progress.r{rank}.json"  # one per rank: ranks never write the same file
+
+
+def load_progress(partial: Path, fp: str, store: bool = True) -> dict[int, ShardInfo]:
+    """Shard index -> completed shard of an interrupted run with the same fingerprint, whichever rank (and
+    however many ranks) wrote it; otherwise start clean. Call on rank 0 only, before the others read."""
+    done: dict[int, ShardInfo] = {}
+    for progress in sorted(partial.glob("progress.r*.json")) if partial.exists() else []:
         state = json.loads(progress.read_text())
-        shards = [ShardInfo(**s) for s in state["shards"]]
-        files = [f for s in shards for f in ([s.file, s.index_file] if store else [s.index_file])]
-        if state["fingerprint"] == fp and all((partial / f).exists() for f in files):
-            return shards
-    if partial.exists():
+        if state["fingerprint"] != fp:
+            done = {}
+            break
+        for s in map(lambda d: ShardInfo(**d), state["shards"]):
+            files = [s.file, s.index_file] if store else [s.index_file, sum_file(shard_number(s))]
+            if all((partial / f).exists() for f in files):
+                done[shard_number(s)] = s
+    if not done and partial.exists():
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return []
+    partial.mkdir(parents=True, exist_ok=True)
+    return done
+
+
+def read_progress(partial: Path) -> dict[int, ShardInfo]:
+    """What every rank has recorded (rank 0 checked the fingerprint before the others start)."""
+    infos = [ShardInfo(**d) for f in partial.glob("progress.r*.json") for d in json.loads(f.read_text())["shards"]]
+    return {shard_number(s): s for s in infos}
+
+
+def shard_number(info: ShardInfo) -> int:
+    return int(info.file.removeprefix("shard_").removesuffix(".safetensors"))
+
+
+def sum_file(shard_idx: int) -> str:
+    return f"sum_{shard_idx:05d}.npy"  # index-only extraction: the shard's float64 activation sum
+
+
+def write_sum(partial: Path, shard_idx: int, activations: torch.Tensor) -> None:
+    with atomic_file(partial / sum_file(shard_idx)) as tmp, open(tmp, "wb") as f:
+        np.save(f, activations.double().sum(0).numpy())
 
 
 def capture_fn(model, hook_name: str, stop_at_layer: int):
@@ -182,42 +209,50 @@ def extract(
 
     store = p.train.source == "shards"
     fp = fingerprint(p, sha256_file(corpus))
-    done = load_progress(partial, fp, store)
-    start_context = sum(s.n_contexts for s in done)
-    try:
-        all_token_ids, all_doc_ids = tokenise(corpus, tokenizer, body_len, n_contexts, partial)
-    except ValueError:
-        shutil.rmtree(partial)
-        raise
-    if done:
+    rank, world = dist.rank(), dist.world_size()
+    failure = None
+    if dist.is_main():  # rank 0 checks the partial directory and tokenises; the others read its files
+        done = load_progress(partial, fp, store)
+        try:
+            tokenise(corpus, tokenizer, body_len, n_contexts, partial)
+        except ValueError as err:
+            shutil.rmtree(partial)
+            failure = str(err)
+    failure = dist.broadcast_object(failure)
+    if failure:
+        raise ValueError(failure)
+    dist.barrier()
+    done = read_progress(partial)
+    all_token_ids = np.load(partial / TOKENS, mmap_mode="r").reshape(n_contexts, body_len)
+    all_doc_ids = np.load(partial / DOC_IDS, mmap_mode="r").reshape(n_contexts, body_len)
+    start_context = sum(s.n_contexts for s in done.values())
+    if done and dist.is_main():
         print(f"resuming after {len(done)} complete shards ({start_context} contexts)", file=sys.stderr)
+    # Shards go to ranks round-robin; each is computed in its own batches, so the result is the same for
+    # any number of ranks (and for a resume that changed it).
+    mine = [i for i in range(n_shards) if i % world == rank and i not in done]
 
     run = capture_fn(model, p.hook_name, stop_at_layer=p.layer + 1)
     dtype = DTYPES[ex.dtype]
-    # Index-only (train.source: stream): the sum the evaluation's training mean needs, accumulated shard by
-    # shard as ActivationShards.activation_sum does, and kept in progress.json with the shards it covers.
-    activation_sum = torch.zeros(model.cfg.d_model, dtype=torch.float64)
-    if done and not store:
-        activation_sum = torch.tensor(
-            json.loads((partial / PROGRESS).read_text())["activation_sum"], dtype=torch.float64
-        )
-    sum_after: dict[int, list[float]] = {}  # shards done -> the sum over them
-
     t0 = time.perf_counter()
     tokens_this_run = 0
     writer = ThreadPoolExecutor(max_workers=1)  # overlap hashing/writing with the next forward pass
     pending: Future | None = None
+    recorded: list[ShardInfo] = [s for i, s in sorted(done.items()) if i % world == rank]
 
     def record(info: ShardInfo) -> None:
-        done.append(info)
-        state = {"fingerprint": fp, "shards": [asdict(s) for s in done]}
-        if not store:
-            state["activation_sum"] = sum_after[len(done)]
-        atomic_write_text(partial / PROGRESS, json.dumps(state))
+        recorded.append(info)
+        state = {"fingerprint": fp, "shards": [asdict(s) for s in recorded]}
+        atomic_write_text(partial / progress_file(rank), json.dumps(state))
 
-    bar = tqdm(total=n_contexts * body_len, initial=start_context * body_len, unit="tok", disable=not progress_bar)
+    def write(shard_idx: int, activations: torch.Tensor, index: dict, first: int, count: int) -> ShardInfo:
+        if not store:  # before the shard is recorded: a recorded shard always has its sum
+            write_sum(partial, shard_idx, activations)
+        return write_shard(partial, shard_idx, activations, index, first, count, store)
+
+    bar = tqdm(total=len(mine) * per_shard * body_len, unit="tok", disable=not (progress_bar and dist.is_main()))
     with torch.inference_mode():
-        for shard_idx in range(len(done), n_shards):
+        for shard_idx in mine:
             first = shard_idx * per_shard
             count = min(per_shard, n_contexts - first)
             token_ids = np.array(all_token_ids[first : first + count])
@@ -228,18 +263,23 @@ def extract(
                 "doc_id": np.array(all_doc_ids[first : first + count]).reshape(-1),
                 "token_id": token_ids.reshape(-1),
             }
-            if not store:
-                activation_sum += activations.double().sum(0)
-                sum_after[shard_idx + 1] = activation_sum.tolist()
             if pending is not None:
                 record(pending.result())
-            pending = writer.submit(write_shard, partial, shard_idx, activations, index, first, count, store)
+            pending = writer.submit(write, shard_idx, activations, index, first, count)
             tokens_this_run += activations.shape[0]
         if pending is not None:
             record(pending.result())
     writer.shutdown()
     bar.close()
     elapsed = time.perf_counter() - t0
+    tokens_this_run = int(dist.all_reduce_sum(torch.tensor([tokens_this_run], dtype=torch.long)).item())
+    dist.barrier()  # every rank's shards are on disk and recorded
+    if not dist.is_main():
+        del all_token_ids, all_doc_ids
+        dist.barrier()  # rank 0 publishes
+        return {}
+    done = read_progress(partial)
+    assert sorted(done) == list(range(n_shards)), f"shards missing after extraction: {set(range(n_shards)) - set(done)}"
 
     meta = {
         "model": p.model,
@@ -252,15 +292,19 @@ def extract(
         "fingerprint": fp,
         **device.record(p.torch_device, p.torch_lm_dtype),
     }
-    if not store:
-        meta |= {"stored": False, "activation_sum": activation_sum.tolist()}
-    manifest = write_manifest(partial, meta, done)
+    if not store:  # summed in shard order, as ActivationShards.activation_sum sums stored shards
+        total = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+        for i in range(n_shards):
+            total += torch.from_numpy(np.load(partial / sum_file(i)))
+        meta |= {"stored": False, "activation_sum": total.tolist()}
+    manifest = write_manifest(partial, meta, [done[i] for i in range(n_shards)])
     del all_token_ids, all_doc_ids
-    for name in (PROGRESS, TOKENS, DOC_IDS):
-        (partial / name).unlink()
+    for f in [*partial.glob("progress.r*.json"), *partial.glob("sum_*.npy"), partial / TOKENS, partial / DOC_IDS]:
+        f.unlink()
     if out_dir.exists():
         shutil.rmtree(out_dir)
     partial.rename(out_dir)
+    dist.barrier()
     return {
         "tokens": manifest["n_tokens"],
         "contexts": manifest["n_contexts"],

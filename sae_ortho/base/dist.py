@@ -1,0 +1,123 @@
+"""Data parallel over torchrun (params.yaml `dist`): one launcher, the rank facts, and the collectives the
+stages use. With one process every function here is a no-op, so single-process code runs unchanged.
+
+A stage's entry point calls `launch(p.dist, "stages.<name>")` before any work. With `dist.nproc_per_node`
+> 1 and not already under torchrun, it reruns the same command as
+`python -m torch.distributed.run --standalone --nproc-per-node N -m stages.<name> <args>` and exits with
+its status, so `dvc repro` and `dvc exp run -S dist.nproc_per_node=2` need nothing else. Across nodes the
+user starts torchrun on every node (README: "Data parallel"); the stage sees torchrun's environment and
+does not relaunch.
+
+Rank 0 alone writes outputs, metrics and dvclive; the others write only their own shards or nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+from sae_ortho.base import device
+from sae_ortho.base.params_train import DistParams
+
+UNDER_TORCHRUN = "TORCHELASTIC_RUN_ID"  # set by torchrun for its workers
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launch(dp: DistParams, module: str, argv: list[str] | None = None) -> None:
+    """Return when this process should do the stage's work; otherwise run it under torchrun and exit."""
+    if UNDER_TORCHRUN in os.environ or dp.nproc_per_node * dp.nnodes == 1:
+        return
+    if dp.nnodes > 1:
+        sys.exit(
+            f"error: dist.nnodes is {dp.nnodes}: start torchrun on every node yourself "
+            "(README, 'Data parallel': torchrun --nnodes ... --rdzv-backend c10d --rdzv-endpoint host:port ...)"
+        )
+    args = sys.argv[1:] if argv is None else argv
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={dp.nproc_per_node}"]
+    # One thread per process unless the user says otherwise (torchrun's own default, stated here so that it
+    # does not warn); on this project's 2-core machines two processes share the cores.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    raise SystemExit(subprocess.call([*cmd, "-m", module, *args], env=env))
+
+
+def backend_for(dp: DistParams, dev: torch.device) -> str:
+    if dp.backend != "auto":
+        return dp.backend
+    return "gloo" if device.on_host(dev) else "nccl"
+
+
+def rank_device(dev: torch.device) -> torch.device:
+    """The device of this rank: GPU ranks take the GPU of their local rank on their node."""
+    return device.on_local_rank(dev, local_rank()) if world_size() > 1 else dev
+
+
+@contextmanager
+def process_group(dp: DistParams, dev: torch.device) -> Iterator[None]:
+    """The default process group while the stage works (nothing with one process)."""
+    if world_size() == 1:
+        yield
+        return
+    backend = backend_for(dp, dev)
+    if backend == "nccl":
+        torch.cuda.set_device(rank_device(dev))
+    tdist.init_process_group(backend, timeout=timedelta(minutes=30))
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In place: the sum over ranks (float sums arrive in the backend's order)."""
+    if active():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not active():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
