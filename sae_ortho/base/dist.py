@@ -14,6 +14,7 @@ Rank 0 alone writes outputs, metrics and dvclive; the others write only their ow
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,6 +63,21 @@ def launch(dp: DistParams, module: str, argv: list[str] | None = None) -> None:
     raise SystemExit(subprocess.call([*cmd, "-m", module, *args], env=env))
 
 
+def die_with_parent() -> None:
+    """torchrun starts its workers in sessions of their own, so a SIGKILL of torchrun (or of the `dvc repro`
+    above it, or of its process group) would leave the ranks running on, writing outputs nobody asked for
+    and removing the checkpoint a rerun needs. On Linux a worker asks the kernel for SIGKILL when its parent
+    dies (prctl PR_SET_PDEATHSIG), and exits at once if the parent is already gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request: nothing would signal us
+        os._exit(1)
+
+
 def backend_for(dp: DistParams, dev: torch.device) -> str:
     if dp.backend != "auto":
         return dp.backend
@@ -79,6 +95,7 @@ def process_group(dp: DistParams, dev: torch.device) -> Iterator[None]:
     if world_size() == 1:
         yield
         return
+    die_with_parent()
     backend = backend_for(dp, dev)
     if backend == "nccl":
         torch.cuda.set_device(rank_device(dev))

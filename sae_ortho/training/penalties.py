@@ -40,9 +40,15 @@ class DecoderPenalty:
     """Interface: `terms` (selection + value), `add_grad_` (in place), `log_rows` (pair log)."""
 
     name = "penalty"
+    needs_codes = False  # whether `terms` reads the batch's codes (data parallel: the global batch's, gathered)
 
     def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
         raise NotImplementedError
+
+    def terms_for(self, w_dec: torch.Tensor, pairs: PairSelection) -> PenaltyTerms:
+        """The mean-of-squared-cosine terms of given pairs."""
+        value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
+        return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
 
     def add_grad_(self, grad: torch.Tensor, w_dec: torch.Tensor, terms: PenaltyTerms, tau: float) -> None:
         """grad += tau * d value / d W_dec for mean-of-squared-cosine penalties."""
@@ -89,15 +95,17 @@ class TopKCoactivation(DecoderPenalty):
     penalised by their mean squared decoder cosine."""
 
     name = "topk_coactivation"
+    needs_codes = True
 
     def __init__(self, fraction: float, selector: str = "auto"):
         self.fraction = fraction
         self.selector = selector
 
+    def select(self, codes, d_sae: int) -> PairSelection:
+        return select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, self.fraction, self.selector)
+
     def terms(self, w_dec: torch.Tensor, codes, d_sae: int) -> PenaltyTerms:
-        pairs = select_pairs_csr(codes.offsets, codes.cols, codes.values, d_sae, self.fraction, self.selector)
-        value, mean_abs_cos, cos = ortho_terms(w_dec, pairs)
-        return PenaltyTerms(value, {"ortho": value, "mean_abs_cos": mean_abs_cos, "n_pairs": len(pairs)}, pairs, cos)
+        return self.terms_for(w_dec, self.select(codes, d_sae))
 
 
 class RandomPairs(SeededPenalty):

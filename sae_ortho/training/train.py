@@ -23,11 +23,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from sae_ortho.base import dist
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.device import HOST
 from sae_ortho.base.io import atomic_file
 from sae_ortho.base.stats import bootstrap_indices, percentile_ci
 from sae_ortho.data.shards import ActivationShards
+from sae_ortho.training import data_parallel as dp
 from sae_ortho.training.batches import BatchSource
 from sae_ortho.training.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from sae_ortho.training.run_config import RunConfig
@@ -101,6 +103,20 @@ def keep_last_good(trainer: Trainer, ckpt_dir: Path, fingerprint: str) -> None:
         shutil.copy2(ckpt_dir / CHECKPOINT, last_good / CHECKPOINT)
 
 
+def publish(trainer: Trainer, cfg: RunConfig, out_dir: Path, ckpt_dir: Path, snap_steps: set[int]) -> None:
+    """The finished run's files: the SAE, its tau trace and pair log, its snapshots; the checkpoint goes."""
+    trainer.sae.save(out_dir)
+    if cfg.uses_ortho:
+        with atomic_file(out_dir / TAU_TRACE) as tmp, open(tmp, "wb") as fh:  # np.save(path) appends .npy
+            np.save(fh, np.array(trainer.tau_trace, dtype=np.float64))
+        pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score", "cos")}
+        with atomic_file(out_dir / "pairs.parquet") as tmp:
+            pq.write_table(pa.table(pairs), tmp)
+    if snap_steps:
+        collect_snapshots(ckpt_dir / "snapshots", out_dir / SNAPSHOTS, snap_steps)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
 def train(
     cfg: RunConfig,
     data: ActivationShards | BatchSource,
@@ -113,8 +129,10 @@ def train(
     max_steps: int | None = None,
     device: torch.device = HOST,
 ) -> dict:
-    """Train on `device`, checkpointing as it goes; write the SAE (ours + SAELens files) and the pair log."""
+    """Train on `device`, checkpointing as it goes; write the SAE (ours + SAELens files) and the pair log.
+    Under torchrun every rank trains its share of each batch (data_parallel.py) and rank 0 alone writes."""
     trainer = Trainer(cfg, data, model_name, hook_name, device)
+    main = dist.is_main()
     fp = cfg.fingerprint(trainer.source.fingerprint)
     resumed = load_checkpoint(trainer, ckpt_dir, fp)
     if resumed:
@@ -125,9 +143,10 @@ def train(
         sample = trainer.source.sample(8192, cfg.seed + 1)
         with torch.no_grad():
             trainer.sae.b_dec.copy_(geometric_median(sample * trainer.sae.cfg.input_scale))  # on CPU, then copied
+            dp.broadcast_(trainer.sae.b_dec)  # ranks start from rank 0's bits, whatever their thread counts
     t = cfg.train
     total = t.steps if max_steps is None else min(t.steps, max_steps)
-    bar = tqdm(total=t.steps, initial=trainer.step, unit="step", disable=not progress_bar)
+    bar = tqdm(total=t.steps, initial=trainer.step, unit="step", disable=not (progress_bar and main))
     t0, step0 = time.perf_counter(), trainer.step
     snap_steps = snapshot_steps(t)
     while trainer.step < total:
@@ -138,32 +157,26 @@ def train(
             if not trainer.log.sync_each_step and (log_step or trainer.step % t.checkpoint_every == 0):
                 stats = trainer.log.settle(stats, len(x))  # the one sync: at logging and checkpoint steps
         except NonFiniteLoss:
-            keep_last_good(trainer, ckpt_dir, fp)
+            if main:
+                keep_last_good(trainer, ckpt_dir, fp)
             raise
         if log_step:
             trainer.history.append(stats)
             log_live(live, stats)
             bar.set_postfix(fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}", tau=f"{stats['tau']:.3g}")
-        if trainer.step in snap_steps:  # on disk at once, so a resumed run keeps the earlier ones
+        if trainer.step in snap_steps and main:  # on disk at once, so a resumed run keeps the earlier ones
             save_snapshot(trainer.sae, ckpt_dir / "snapshots", trainer.step)
-        if trainer.step % t.checkpoint_every == 0:
+        if trainer.step % t.checkpoint_every == 0 and main:
             save_checkpoint(trainer, ckpt_dir, fp)
         bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - t0
     if trainer.step < t.steps:  # stopped early on purpose (tests): leave the checkpoint
         return {"steps": trainer.step}
-
-    trainer.sae.save(out_dir)
-    if cfg.uses_ortho:
-        with atomic_file(out_dir / TAU_TRACE) as tmp, open(tmp, "wb") as fh:  # np.save(path) appends .npy
-            np.save(fh, np.array(trainer.tau_trace, dtype=np.float64))
-        pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score", "cos")}
-        with atomic_file(out_dir / "pairs.parquet") as tmp:
-            pq.write_table(pa.table(pairs), tmp)
-    if snap_steps:
-        collect_snapshots(ckpt_dir / "snapshots", out_dir / SNAPSHOTS, snap_steps)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    dp.check_in_sync(trainer.sae)
+    if main:
+        publish(trainer, cfg, out_dir, ckpt_dir, snap_steps)
+    dist.barrier()  # the others return once rank 0 has published
     last = trainer.history[-5:]
     final = {k: float(np.mean([h[k] for h in last])) for k in ("fvu", "l0", "mse", "dead_fraction", "tau")}
     if cfg.uses_ortho:

@@ -19,9 +19,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from sae_ortho.base import dist
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.device import HOST, to_device
 from sae_ortho.data.shards import ActivationShards
+from sae_ortho.training import data_parallel as dp
 from sae_ortho.training.batches import BatchSource, as_source
 from sae_ortho.training.ortho import TauSchedule
 from sae_ortho.training.penalties import DecoderPenalty
@@ -92,7 +94,8 @@ def aux_k_loss(sae: SAE, ctx: dict, residual: torch.Tensor, dead: torch.Tensor, 
         picked = pre[rows, cols].relu()
         f = torch.zeros_like(pre).index_put((rows, cols), picked if keep is None else picked * keep)
         recon = f @ sae.W_dec
-    loss = ((residual - recon) ** 2).sum(-1).mean() / (residual**2).sum(-1).mean().clamp_min(1e-8)
+    normaliser = dp.mean_over_ranks((residual**2).sum(-1).mean())  # the global batch's, with several ranks
+    loss = ((residual - recon) ** 2).sum(-1).mean() / normaliser.clamp_min(1e-8)
     return loss * dead.any() if sync_free else loss
 
 
@@ -174,11 +177,11 @@ class Trainer:
         """Tokens since each latent last fired; the dead mask. No data-dependent shape off the CPU."""
         with torch.no_grad():
             self.silent_tokens += batch
-            if self.log.sync_each_step:
+            if self.log.sync_each_step and not dist.active():
                 self.silent_tokens[cols[active]] = 0
-            else:
+            else:  # no data-dependent shape; over ranks, the global batch's firing
                 fired = torch.zeros(len(self.silent_tokens), device=cols.device).index_add_(0, cols, active.float())
-                self.silent_tokens.masked_fill_(fired > 0, 0)
+                self.silent_tokens.masked_fill_(dp.fired_counts(fired) > 0, 0)
             return self.silent_tokens >= self.cfg.train.dead_tokens
 
     def train_step(self, x: torch.Tensor, sparse: bool | None = None) -> dict:
@@ -190,7 +193,7 @@ class Trainer:
         self.log.start()
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t)
-        xs = to_device(x, self.device) * sae.cfg.input_scale
+        xs = to_device(dp.local_rows(x), self.device) * sae.cfg.input_scale  # this rank's rows of the batch
         codes, x_hat, ctx = self.encode_decode(xs, sparse)
         err = xs - x_hat
         mse = (err**2).sum(-1).mean() / sae.cfg.d_in
@@ -201,7 +204,7 @@ class Trainer:
             parts["matryoshka"] = loss.detach()
         active = codes.values.detach() > 0
         if t.architecture == "batchtopk" and active.any():  # the threshold is host state: read every step
-            smallest = float(codes.values.detach()[active].min())
+            smallest = dp.min_over_ranks(float(codes.values.detach()[active].min()), self.device)
             sae.cfg = replace(sae.cfg, threshold=batchtopk_threshold(sae.cfg.threshold, smallest, self.step, t.steps))
         dead = self.count_silent(len(x), codes.cols, active)
         if t.architecture == "relu":
@@ -217,16 +220,17 @@ class Trainer:
         penalty = self.penalty
         if penalty is not None:
             t0 = time.perf_counter()
-            terms = penalty.terms(sae.W_dec, codes, t.d_sae)  # gradient added after backward, in place
+            terms = dp.penalty_terms(penalty, sae.W_dec, codes, t.d_sae)  # gradient added after backward
             penalty_s += time.perf_counter() - t0
             parts.update(terms.parts)
             if self.step % self.cfg.ortho.log_pairs_every == 0:
                 self.pair_log.append(penalty.log_rows(sae.W_dec, terms, self.step))
             self.tau.update(parts["mean_abs_cos"])
         penalty_value = tau * terms.value if penalty is not None else 0.0
-        self.log.check_finite(self.step, loss.detach(), penalty_value, parts)
+        self.log.check_finite(self.step, dp.mean_over_ranks(loss.detach()), penalty_value, parts)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        dp.average_gradients(sae.parameters())  # before the penalty's gradient, which every rank adds alike
         if penalty is not None and tau > 0:
             t0 = time.perf_counter()
             penalty.add_grad_(sae.W_dec.grad, sae.W_dec, terms, tau)
@@ -234,9 +238,7 @@ class Trainer:
         sae.remove_parallel_grad()
         self.opt.step()
         sae.normalize_decoder()
-        with torch.no_grad():
-            centered = xs - xs.mean(0)
-            fvu = (err**2).sum() / (centered**2).sum()
+        fvu = dp.global_fvu(err, xs)
         raw = {
             "step": self.step,
             "loss": loss.detach(),
@@ -250,4 +252,4 @@ class Trainer:
             "penalty_value": penalty_value,
         }
         self.step += 1
-        return self.log.finish(raw, len(x))
+        return self.log.finish(dp.global_stats(raw), len(x))
