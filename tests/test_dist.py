@@ -124,15 +124,23 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-def test_two_process_training_equals_one(one_process, trained_once, tmp_path):
+@pytest.fixture(scope="module")
+def trained_twice(one_process, tmp_path_factory) -> Path:
+    """The same two SAEs from 2 gloo processes x 64 rows."""
+    root = copy_extraction(one_process, tmp_path_factory.mktemp("two"), 2)
+    for name in ("baseline", "ortho"):
+        done = stage(root, "train", "--name", name)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return root
+
+
+def test_two_process_training_equals_one(one_process, trained_once, trained_twice):
     """2 gloo processes x 64 rows vs 1 x 128 after 50 steps. Equal up to float rounding: the gradients'
     all-reduce sums the ranks' halves in another order than one process sums its batch, and Adam carries
     that rounding forward (measured max |dW| 2.4e-7 and 4.1e-7). The kept pairs must be the global batch's:
     a selection over a rank's half keeps other pairs."""
-    root = copy_extraction(one_process, tmp_path, 2)
+    root = trained_twice
     for name in ("baseline", "ortho"):
-        done = stage(root, "train", "--name", name)
-        assert done.returncode == 0, done.stderr[-2000:]
         diff = max_weight_diff(trained_once[name], root / "models" / name)
         print(f"{name}: max |dW| 1 vs 2 processes after 50 steps: {diff:.3g}")
         assert diff < TOLERANCE, (name, diff)
@@ -147,11 +155,7 @@ def test_two_process_training_equals_one(one_process, trained_once, tmp_path):
     assert same > 0.9  # the global batch's pairs, not a rank's half (a half's selection shares far fewer)
 
 
-def test_killed_two_process_training_resumes_to_the_same_weights(one_process, tmp_path):
-    straight = copy_extraction(one_process, tmp_path / "straight", 2)
-    done = stage(straight, "train", "--name", "ortho")
-    assert done.returncode == 0, done.stderr[-2000:]
-
+def test_killed_two_process_training_resumes_to_the_same_weights(one_process, trained_twice, tmp_path):
     root = copy_extraction(one_process, tmp_path / "killed", 2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "stages.train", "--name", "ortho"], cwd=root, env=stage_env(), start_new_session=True
@@ -171,4 +175,4 @@ def test_killed_two_process_training_resumes_to_the_same_weights(one_process, tm
     resumed = stage(root, "train", "--name", "ortho")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from checkpoint" in resumed.stderr
-    assert max_weight_diff(straight / "models/ortho", root / "models/ortho") == 0.0
+    assert max_weight_diff(trained_twice / "models/ortho", root / "models/ortho") == 0.0
