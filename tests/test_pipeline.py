@@ -224,3 +224,20 @@ def test_remote_round_trip_into_a_fresh_clone(repo_copy, tmp_path):
         assert (clone / out).read_bytes() == (repo_copy / out).read_bytes(), out
     assert json.loads(run([*dvc, "status", "dvc.yaml", "--json"], clone).stdout) == {}
     assert "Running stage" not in run([*dvc, "repro", "dvc.yaml"], clone).stdout
+
+
+def test_llm_cache_on_two_processes_writes_the_one_process_cache(repo_copy):
+    """dist.nproc_per_node 2: the probe texts' batches go to 2 gloo ranks, rank 0 gathers and writes; the
+    held-out set and the probe cache are the one-process files, byte for byte."""
+    from sae_ortho.base.io import sha256_file
+
+    def hashes() -> dict[str, str]:
+        files = [f for d in ("data/probe_acts", "data/heldout") for f in sorted((repo_copy / d).rglob("*"))]
+        return {str(f.relative_to(repo_copy)): sha256_file(f) for f in files if f.is_file()}
+
+    before = hashes()
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump({**params, "dist": {**params["dist"], "nproc_per_node": 2}}))
+    run([sys.executable, "-m", "stages.llm_cache"], repo_copy)
+    assert hashes() == before
+    assert json.loads((repo_copy / "metrics/llm_cache.json").read_text())["processes"] == 2

@@ -138,3 +138,13 @@ def all_gather_objects(obj) -> list:
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)
     return out
+
+
+def gather_to_main(obj):
+    """Every rank's `obj` on rank 0, in rank order (None elsewhere). Pickled over the process group: for
+    evaluation caches of a few hundred MB, not for per-step traffic."""
+    if not active():
+        return [obj]
+    out = [None] * tdist.get_world_size() if is_main() else None
+    tdist.gather_object(obj, out, dst=0)
+    return out

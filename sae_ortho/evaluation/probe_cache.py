@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from sae_ortho.base import dist
 from sae_ortho.base.device import HOST
 from sae_ortho.base.io import atomic_dir, atomic_write_text, sha256_file
 from sae_ortho.base.params import OFFLINE_TASKS, SAEBENCH_HUB_TASKS, Params
@@ -297,7 +298,10 @@ def save_probe_cache(out_dir: Path, tasks: dict[str, TaskActs], p: Params, progr
 @torch.no_grad()
 def collect_probe_activations(model, p: Params, probing_dir: Path, out_dir: Path, progress_bar: bool = True) -> dict:
     """Tokenise every task's examples, run the model once up to the hook, store the unmasked per-token
-    activations and the LLM-residual probe baseline under `out_dir`; return small metrics."""
+    activations and the LLM-residual probe baseline under `out_dir`; return small metrics.
+
+    Under torchrun the length-sorted batches go to ranks round-robin (the same batches as one process, so
+    the same activations); rank 0 gathers them, writes the cache and returns the metrics, the others {}."""
     from sae_bench.sae_bench_utils.activation_collection import get_bos_pad_eos_mask, get_llm_activations
 
     pp = p.probing
@@ -309,8 +313,9 @@ def collect_probe_activations(model, p: Params, probing_dir: Path, out_dir: Path
         flat = [t for s in SPLITS for items in by_split[s].values() for t in items]
         tokens[task] = tokenize(model.tokenizer, flat, pp.context_len)
     n_examples = sum(len(t) for t in tokens.values())
-    bar = tqdm(total=n_examples, desc="probing activations", unit="ex", disable=not progress_bar)
+    bar = tqdm(total=n_examples, desc="probing activations", unit="ex", disable=not (progress_bar and dist.is_main()))
     task_acts, total = {}, 0
+    world, rank = dist.world_size(), dist.rank()
     for task, toks in tokens.items():
         keep_all = get_bos_pad_eos_mask(toks, model.tokenizer)
         lengths = keep_all.sum(1)
@@ -320,7 +325,9 @@ def collect_probe_activations(model, p: Params, probing_dir: Path, out_dir: Path
         # positions (causal attention), so this only saves the forward passes over padding.
         order = torch.argsort(lengths, descending=True, stable=True)
         acts: list[torch.Tensor] = [torch.empty(0)] * len(toks)
-        for start in range(0, len(toks), pp.batch_size):
+        for number, start in enumerate(range(0, len(toks), pp.batch_size)):
+            if number % world != rank:
+                continue
             idx = order[start : start + pp.batch_size]
             keep = keep_all[idx]
             width = int(keep.any(0).nonzero().max()) + 1
@@ -331,13 +338,23 @@ def collect_probe_activations(model, p: Params, probing_dir: Path, out_dir: Path
             for j, i in enumerate(idx.tolist()):
                 acts[i] = x[j][keep[j]].half()
             total += batch.numel()
-            bar.update(len(batch))
+            bar.update(len(batch) * world)
+        if world > 1:  # rank 0 collects every rank's examples
+            parts = dist.gather_to_main({i: a for i, a in enumerate(acts) if a.numel()})
+            if parts is None:
+                continue
+            for part in parts:
+                for i, a in part.items():
+                    acts[i] = a
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
         index = pd.DataFrame(rows[task], columns=["label", "split", "example"])
         index = index.assign(offset=offsets.numpy(), length=lengths.numpy())
         task_acts[task] = TaskActs(torch.cat(acts), toks[keep_all].int(), index)
     bar.close()
     forward_s = time.perf_counter() - t0
+    total = int(dist.all_reduce_sum(torch.tensor([total])).item())
+    if not dist.is_main():
+        return {}
     manifest = save_probe_cache(out_dir, task_acts, p, progress_bar)
     return {
         "tasks": len(task_acts),
