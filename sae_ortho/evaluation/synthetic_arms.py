@@ -182,7 +182,7 @@ def run_jobs(jobs: list[SyntheticJob], workers: int, desc: str, progress_bar: bo
     """(training metrics, evaluation, pairs) per job, in order, `workers` runs at a time (results do not
     depend on it: every run is single-threaded with its own RNG streams)."""
     bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress_bar)
-    if workers <= 1:
+    if min(workers, len(jobs)) <= 1:  # one run: a spawned worker would only add its start-up (~10 s of imports)
         runs = []
         with single_thread():
             for job in jobs:
