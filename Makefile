@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) -m bench.train
 	$(PY) -m bench.train --sizes 65536 --archs topk32 --steps 5 --out metrics/bench_train_65k.json
 	$(PY) -m bench.synthetic_run
+	$(PY) -m bench.dist
 	$(PY) -m bench.gpu
 
 # ruff; import-linter's contracts (pyproject.toml: imports only point down the pipeline's layers, stages
