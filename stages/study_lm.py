@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sae_ortho.base import dist
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.paths import ACTIVATIONS, CORPUS
@@ -61,18 +62,26 @@ def main() -> None:
     train_params = replace(p.train, train_tokens=tokens, snapshots=0)
     cfg = run_config_for(spec, p, train_params, seed, study.topk_fraction)
     out_dir, ckpt = MODELS / args.group / run, MODELS / args.group / f".ckpt_{run}"
-    model = load_model_or_exit(p)  # before training: a missing model fails in seconds, not after it
-    try:  # train.source: stream reads the extraction's index and computes its shards with the model
-        shards = training_shards(p, ACTIVATIONS, CORPUS, ckpt / "stream_tokens", lambda: model)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    t0 = time.perf_counter()
-    try:
-        names = shards.manifest["model"], shards.manifest["hook_name"]
-        source = ShardSource(shards, p.train.buffer_shards)
-        training = train(cfg, source, out_dir, ckpt, *names, device=p.torch_device)
-    except NonFiniteLoss as err:
-        sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
+    processes = p.dist.nproc_per_node * p.dist.nnodes
+    if p.train.batch_size % processes:
+        sys.exit(f"error: train.batch_size ({p.train.batch_size}) must be a multiple of the {processes} processes")
+    dist.launch(p.dist, "stages.study_lm")  # dist.nproc_per_node > 1: train under torchrun, evaluate on rank 0
+    with dist.process_group(p.dist, p.torch_device):
+        dev = dist.rank_device(p.torch_device)
+        model = load_model_or_exit(replace(p, device=str(dev)))  # before training: a missing model fails at once
+        try:  # train.source: stream reads the extraction's index and computes its shards with the model
+            shards = training_shards(p, ACTIVATIONS, CORPUS, ckpt / "stream_tokens", lambda: model)
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"error: {err}")
+        t0 = time.perf_counter()
+        try:
+            names = shards.manifest["model"], shards.manifest["hook_name"]
+            source = ShardSource(shards, p.train.buffer_shards)
+            training = train(cfg, source, out_dir, ckpt, *names, device=dev)
+        except NonFiniteLoss as err:
+            sys.exit(f"error: {err}; last good state kept in {ckpt / 'last_good'}")
+    if not dist.is_main():  # the evaluations run once, on rank 0 (seconds to minutes against training)
+        return
     train_seconds = time.perf_counter() - t0
     torch.set_num_threads(2)
     try:
