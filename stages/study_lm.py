@@ -107,6 +107,7 @@ def main() -> None:
         "pair_stability": pair_stability(out_dir, p.train.d_sae),
         "stage_seconds": round(time.perf_counter() - t0, 1),
         "train_seconds": round(train_seconds, 1),
+        "processes": dist.world_size(),
     }
     (METRICS / args.group).mkdir(parents=True, exist_ok=True)
     atomic_write_text(METRICS / args.group / f"{run}.json", json.dumps(metrics, indent=2, default=list) + "\n")

@@ -102,3 +102,11 @@ def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
         "study/dvc.yaml:report",
     }
     assert set(status) == expected, status
+    # The edited arm's LM stage on 2 gloo processes (dist.nproc_per_node, as `dvc exp run -S` would set it):
+    # training on both ranks, the evaluation on rank 0.
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["dist"]["nproc_per_node"] = 2
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "dvc", "repro", "--single-item", f"study/dvc.yaml:lm_sweep@{other}"], repo_copy)
+    two = json.loads((repo_copy / f"metrics/study/sweep/{other}.json").read_text())
+    assert two["processes"] == 2 and 0 < two["core"]["fvu"] < 1 and two["settings"]["tau"] == 20.0, two
