@@ -38,7 +38,7 @@ study: $(STAMP)
 	$(VENV)/bin/dvc repro dvc.yaml study/dvc.yaml
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not slow and not hub" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 -m "not slow and not hub" tests
 
 # Tests marked slow: another model family through a second tiny `dvc repro` (tests/test_any_model.py).
 test-slow: $(STAMP)

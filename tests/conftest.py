@@ -52,3 +52,14 @@ def small_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "data" / "corpus.parquet"
     write_small_corpus(path)
     return path
+
+
+# The long end-to-end files first. pytest-xdist's loadfile hands files out in queue order, and by default
+# it sorts that queue by test count, so the one-test study pipeline (~11 min) started last and ran alone
+# at the end of a 29-minute run; the Makefile passes --no-loadscope-reorder to keep this order.
+HEAVY_FIRST = ("test_study_pipeline.py", "test_pipeline.py", "test_dist.py", "test_stream.py", "test_extract.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: the rest keep their order

@@ -167,7 +167,9 @@ def _load_model_cache(directory: Path):
 
     hf_config = LlamaConfig.from_dict(json.loads((directory / "hf_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
-    model = HookedTransformer(_llama_tl_config(hf_config, SMOLLM2_TL_NAME), tokenizer=tokenizer, move_to_device=False)
+    cfg = _llama_tl_config(hf_config, SMOLLM2_TL_NAME)
+    cfg.init_weights = False  # every parameter is loaded below (checked): the random init only cost ~2 s
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     params = load_file(str(directory / "params.safetensors"))
     missing, unexpected = model.load_state_dict(params, strict=False)
     expected = {name for name, _ in model.named_parameters()}
@@ -195,6 +197,10 @@ def load_smollm2_tl(use_cache: bool = True):
 
 def _on(model, device: torch.device | str, dtype: torch.dtype):
     """The model moved to `device` and cast to `dtype` (cfg updated too: transformer_lens reads cfg.dtype)."""
+    first = next(model.parameters())
+    target = torch.device(device)
+    if first.dtype == dtype and first.device == target and str(model.cfg.device) == str(target):
+        return model.eval()  # already there: transformer_lens's `to` walks every module anyway (~4 s here)
     model.cfg.dtype = dtype
     model = model.to(dtype).to(device)
     model.eval()

@@ -99,6 +99,19 @@ def aux_k_loss(sae: SAE, ctx: dict, residual: torch.Tensor, dead: torch.Tensor, 
     return loss * dead.any() if sync_free else loss
 
 
+def encoder_product(sae: SAE, xs: torch.Tensor, out: torch.Tensor, dtype: torch.dtype):
+    """x - b_dec, and the encoder's pre-activations written into `out`, one [batch, d_sae] buffer reused
+    across steps: a fresh 268 MB tensor per step (d_sae 16384) is page-faulted in again every time, ~8% of
+    the step. With a low `dtype` the product of the float32 master weights runs in it, kept in float32."""
+    with torch.no_grad():
+        x_centred = xs - sae.b_dec
+        if dtype == torch.float32:
+            torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=out)
+        else:
+            out.copy_(torch.addmm(sae.b_enc.to(dtype), x_centred.to(dtype), sae.W_enc.to(dtype)))
+    return x_centred, out
+
+
 class Trainer:
     """One run's model, optimiser and step; checkpoint.py saves and restores it, train() drives it."""
 
@@ -141,18 +154,9 @@ class Trainer:
         `DENSE_FRACTION` of the code matrix (an untrained ReLU SAE), where dense matmuls win.
         Both compute the same function; tests compare their losses and gradients."""
         sae = self.sae
-        with torch.no_grad():
-            x_centred = xs - sae.b_dec
-            # One [batch, d_sae] buffer reused across steps: a fresh 268 MB tensor per step (d_sae
-            # 16384) is page-faulted in again every time, ~8% of the step.
-            if self._pre_buffer.shape != (len(xs), sae.cfg.d_sae):
-                self._pre_buffer = torch.empty(len(xs), sae.cfg.d_sae, device=xs.device)
-            pre = self._pre_buffer
-            if self.matmul_dtype == torch.float32:
-                torch.addmm(sae.b_enc, x_centred, sae.W_enc, out=pre)
-            else:  # a low-precision product of float32 master weights, kept in float32
-                low = self.matmul_dtype
-                pre.copy_(torch.addmm(sae.b_enc.to(low), x_centred.to(low), sae.W_enc.to(low)))
+        if self._pre_buffer.shape != (len(xs), sae.cfg.d_sae):
+            self._pre_buffer = torch.empty(len(xs), sae.cfg.d_sae, device=xs.device)
+        x_centred, pre = encoder_product(sae, xs, self._pre_buffer, self.matmul_dtype)
         if sae.cfg.architecture == "topk":
             rows, cols, offsets = topk_pattern(pre, sae.cfg.k)
         elif sae.cfg.architecture == "batchtopk":
