@@ -209,24 +209,44 @@ def _merge_parts(seed_i, seed_j, seed_s, out_i, out_j, out_s, counts, budget):
     return i[:total], j[:total], s[:total]
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+LANES = 8  # pair_dots' fixed accumulator count: the summation order is the code's, not the vector unit's
+
+
+@nb.njit(parallel=True, cache=True)
 def pair_dots(w, i, j):
-    """w_i . w_j for each pair."""
+    """w_i . w_j for each pair, summed in one fixed order on every machine.
+
+    No fastmath: with it LLVM reassociates the sum to the host's vector width (16 float32 lanes with
+    AVX-512, 8 with AVX2), so the same pairs gave other cosines, hence other weights, on another CPU.
+    Eight explicit partial sums keep the loop as fast as the vectorised one and the order fixed."""
     out = np.empty(len(i), np.float32)
     d = w.shape[1]
+    body = d - d % LANES
     for p in nb.prange(len(i)):
-        s = np.float32(0.0)
-        for x in range(d):
-            s += w[i[p], x] * w[j[p], x]
-        out[p] = s
+        a, b = w[i[p]], w[j[p]]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)  # a per-pair array costs an allocation
+        for x in range(0, body, LANES):
+            s0 += a[x] * b[x]
+            s1 += a[x + 1] * b[x + 1]
+            s2 += a[x + 2] * b[x + 2]
+            s3 += a[x + 3] * b[x + 3]
+            s4 += a[x + 4] * b[x + 4]
+            s5 += a[x + 5] * b[x + 5]
+            s6 += a[x + 6] * b[x + 6]
+            s7 += a[x + 7] * b[x + 7]
+        for x in range(body, d):
+            s0 += a[x] * b[x]
+        out[p] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
     return out
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, cache=True)
 def add_pair_grad(grad, w, i, j, coef):
     """grad += S @ w with S the symmetric sparse matrix S_ij = S_ji = coef_p: row r gains the sum
     over r's pairs of coef * w_partner. Rows are independent, so they run in parallel; adding in
-    place saves allocating and summing a second d_sae x d_in gradient."""
+    place saves allocating and summing a second d_sae x d_in gradient. Each row's terms are added in
+    the pairs' order whatever the thread count; no fastmath, so no fused multiply-add on one CPU and
+    not on another."""
     d_sae, d = w.shape
     start = np.zeros(d_sae + 1, np.int64)
     for p in range(len(i)):
