@@ -35,7 +35,7 @@ def main() -> None:
     with torch.no_grad():
         metrics = core_metrics(sae, model, hs, stage.params.core)
     per_context = metrics.pop("per_context")
-    with atomic_file(CORE_PER_CONTEXT / f"{stage.name}.safetensors") as tmp:
+    with atomic_file(CORE_PER_CONTEXT / f"{stage.name}.safetensors", digest=True) as tmp:
         save_file({k: v.contiguous() for k, v in per_context.items()}, str(tmp))
     metrics = stage.write(metrics)
     stage.fail_on("core", science_failures(metrics))

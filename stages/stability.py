@@ -16,7 +16,7 @@ import torch
 from sae_ortho.analysis import stability_analysis as sa
 from sae_ortho.base import params as params_mod
 from sae_ortho.base import plots
-from sae_ortho.base.io import atomic_write_text
+from sae_ortho.base.io import atomic_write_text, verified
 from sae_ortho.base.paths import HELDOUT
 from sae_ortho.evaluation.heldout import HeldoutSet
 from sae_ortho.training.sae import CONFIG_FILE, SAE
@@ -52,7 +52,7 @@ def main() -> None:
     ortho = SAE.load(MODELS / "ortho")
     pairs_file = MODELS / "ortho" / "pairs.parquet"
     within = (
-        sa.within_run(pd.read_parquet(pairs_file), ortho.W_dec.detach(), fraction, sp, rng)
+        sa.within_run(pd.read_parquet(verified(pairs_file)), ortho.W_dec.detach(), fraction, sp, rng)
         if pairs_file.exists()
         else None
     )

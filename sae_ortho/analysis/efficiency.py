@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
+from sae_ortho.base.io import verified
 from sae_ortho.base.stats import bootstrap_indices, percentile_ci
 
 N_BOOT = 2000
@@ -94,7 +95,7 @@ def synthetic_reductions(base_dir: Path, arm_dir: Path, n_boot: int = N_BOOT) ->
 
 
 def _load_context_sums(path: Path) -> dict[str, np.ndarray]:
-    return {k: v.double().numpy() for k, v in load_file(str(path)).items()}
+    return {k: v.double().numpy() for k, v in load_file(str(verified(path))).items()}
 
 
 def _fvu(c: dict, idx) -> np.ndarray:

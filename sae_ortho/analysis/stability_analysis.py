@@ -15,6 +15,7 @@ import torch
 
 from sae_ortho.analysis import matching
 from sae_ortho.analysis import stability as st
+from sae_ortho.base.io import verified
 from sae_ortho.base.params import StabilityParams
 from sae_ortho.evaluation.core import unit_rows
 from sae_ortho.training.ortho import pair_budget, pair_id
@@ -238,7 +239,7 @@ def synthetic_link(run_dir: Path, top: int, draws: int, rng) -> dict | None:
         return None
     m = json.loads(matching_file.read_text())
     d_sae = json.loads((run_dir / CONFIG_FILE).read_text())["d_sae"]
-    _, sets = st.log_sets(pd.read_parquet(pairs_file), d_sae)
+    _, sets = st.log_sets(pd.read_parquet(verified(pairs_file)), d_sae)
     parent_child = {(p, c) for p, c in zip(m["parent_latents"], m["child_latents"], strict=True) if p != c}
     by_parent: dict[int, list[int]] = {}
     for p, c in zip(m["parent_latents"], m["child_latents"], strict=True):

@@ -124,19 +124,31 @@ def load_progress(partial: Path, fp: str, store: bool = True) -> dict[int, Shard
             done = {}
             break
         for s in map(lambda d: ShardInfo(**d), state["shards"]):
-            files = [s.file, s.index_file] if store else [s.index_file, sum_file(shard_number(s))]
-            if all((partial / f).exists() for f in files):
+            if _intact(partial, s, store):
                 done[shard_number(s)] = s
+            else:  # computed again; read_progress skips a recorded shard whose files are gone
+                for name in (s.file, s.index_file, sum_file(shard_number(s))):
+                    (partial / name).unlink(missing_ok=True)
     if not done and partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     return done
 
 
+def _intact(partial: Path, s: ShardInfo, store: bool) -> bool:
+    """A recorded shard is kept on resume only if its files are there and hash as recorded; one whose bytes
+    changed since (a bad disk, a stray write) is computed again rather than carried into the output."""
+    if not (partial / s.index_file).exists() or sha256_file(partial / s.index_file) != s.index_sha256:
+        return False
+    if store:
+        return (partial / s.file).exists() and sha256_file(partial / s.file) == s.sha256
+    return (partial / sum_file(shard_number(s))).exists()
+
+
 def read_progress(partial: Path) -> dict[int, ShardInfo]:
     """What every rank has recorded (rank 0 checked the fingerprint before the others start)."""
     infos = [ShardInfo(**d) for f in partial.glob("progress.r*.json") for d in json.loads(f.read_text())["shards"]]
-    return {shard_number(s): s for s in infos}
+    return {shard_number(s): s for s in infos if (partial / s.index_file).exists()}
 
 
 def shard_number(info: ShardInfo) -> int:

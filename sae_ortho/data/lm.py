@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from sae_ortho.base.device import HOST
+from sae_ortho.base.io import CorruptFile, verified_dir, write_digests
 from sae_ortho.base.model_names import EMBEDDED_MODELS, split_model_spec
 from sae_ortho.base.paths import cache_dir
 
@@ -137,12 +139,11 @@ def model_cache_dir() -> Path:
     return cache_dir() / f"{SMOLLM2_TL_NAME}-{key.hexdigest()[:16]}"
 
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: SHA256SUMS in the cache, verified on load
 
 
 def _save_model_cache(model, hf_config: dict, directory: Path) -> None:
     import json
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -152,6 +153,7 @@ def _save_model_cache(model, hf_config: dict, directory: Path) -> None:
     model.tokenizer.save_pretrained(tmp / "tokenizer")
     (tmp / "hf_config.json").write_text(json.dumps(hf_config))
     save_file({k: v.contiguous() for k, v in model.named_parameters()}, str(tmp / "params.safetensors"))
+    write_digests(tmp)
     try:
         tmp.rename(directory)  # atomic: a concurrent or interrupted writer never leaves a half cache
     except OSError:
@@ -165,6 +167,7 @@ def _load_model_cache(directory: Path):
     from transformer_lens import HookedTransformer
     from transformers import AutoTokenizer, LlamaConfig
 
+    verified_dir(directory)  # the tokenizer's files too: a changed vocabulary would shift every token id
     hf_config = LlamaConfig.from_dict(json.loads((directory / "hf_config.json").read_text()))
     tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
     cfg = _llama_tl_config(hf_config, SMOLLM2_TL_NAME)
@@ -185,9 +188,14 @@ def load_smollm2_tl(use_cache: bool = True):
     later calls, in every stage and test session, load the cache in a few seconds.
     """
     directory = model_cache_dir() if use_cache else None
+    model = None
     if directory is not None and directory.is_dir():
-        model = _load_model_cache(directory)
-    else:
+        try:
+            model = _load_model_cache(directory)
+        except CorruptFile as err:  # a cache, not an output: rebuilt, not restored
+            print(f"{err.code}; rebuilding the model cache", file=sys.stderr)
+            shutil.rmtree(directory, ignore_errors=True)
+    if model is None:
         model, hf_config = _convert_smollm2_tl()
         if directory is not None:
             _save_model_cache(model, hf_config, directory)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from sae_ortho.base.io import atomic_file, atomic_write_text, sha256_file
+from sae_ortho.base.io import atomic_file, sha256_file, verified
 
 MANIFEST = "manifest.json"
 TENSOR_KEY = "activations"
@@ -48,6 +48,7 @@ class ShardInfo:
     norm_sq_sum: float
     norm_min: float
     norm_max: float
+    index_sha256: str = ""  # verified on read like the shard's (empty in manifests older than issue 21)
 
 
 def shard_name(i: int) -> str:
@@ -102,6 +103,7 @@ def write_shard(
         norm_sq_sum=float((norms**2).sum()),
         norm_min=float(norms.min()),
         norm_max=float(norms.max()),
+        index_sha256=sha256_file(index_path),
     )
 
 
@@ -127,7 +129,8 @@ def write_manifest(directory: Path, meta: dict, shards: list[ShardInfo]) -> dict
         "norm": norm_summary(shards),
         "shards": [asdict(s) for s in shards],
     }
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    with atomic_file(directory / MANIFEST, digest=True) as tmp:  # its norms scale the training inputs
+        tmp.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -139,7 +142,7 @@ class ActivationShards:
         manifest_path = self.directory / MANIFEST
         if not manifest_path.exists():
             raise FileNotFoundError(f"{manifest_path} not found: run the extract stage first (dvc repro extract)")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = json.loads(verified(manifest_path).read_text())
         self.shards = [ShardInfo(**s) for s in self.manifest["shards"]]
 
     @property
@@ -167,7 +170,8 @@ class ActivationShards:
     def __len__(self) -> int:
         return len(self.shards)
 
-    def load(self, i: int, verify: bool = False) -> torch.Tensor:
+    def load(self, i: int) -> torch.Tensor:
+        """Shard i, its sha256 checked against the manifest on its first read in this process."""
         if not self.stored:
             raise ValueError(
                 f"{self.directory} holds only the shard index (extracted with train.source: stream): train with "
@@ -175,12 +179,11 @@ class ActivationShards:
             )
         info = self.shards[i]
         path = self.directory / info.file
-        if verify and sha256_file(path) != info.sha256:
-            raise ValueError(f"{path}: sha256 does not match the manifest (corrupt or modified shard)")
-        return load_file(str(path))[TENSOR_KEY]
+        return load_file(str(verified(path, info.sha256)))[TENSOR_KEY]
 
     def index(self, i: int):
-        return pq.read_table(self.directory / self.shards[i].index_file)
+        info = self.shards[i]
+        return pq.read_table(verified(self.directory / info.index_file, info.index_sha256))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):

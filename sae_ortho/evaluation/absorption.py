@@ -28,6 +28,7 @@ import torch
 from sae_bench.evals.absorption.feature_absorption_calculator import FeatureAbsorptionCalculator
 from safetensors.torch import load_file
 
+from sae_ortho.base.io import verified
 from sae_ortho.base.params import AbsorptionParams
 from sae_ortho.base.stats import bootstrap_ci
 from sae_ortho.evaluation.letters import LETTERS, MANIFEST, PROMPT_ACTS, PROMPTS, TOKENIZER
@@ -83,7 +84,7 @@ def load_manifest(letters_dir: Path) -> dict:
     path = letters_dir / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run dvc repro letter_cache")
-    return json.loads(path.read_text())
+    return json.loads(verified(path).read_text())
 
 
 def _fvu(sae, x: torch.Tensor) -> float:
@@ -113,8 +114,8 @@ def seed_result(sae, letters_dir: Path, manifest: dict, seed_info: dict, ap: Abs
     for needed in ("probe.pth", "data.npz", "train_df.csv", "test_df.csv"):
         if not (probe_dir / needed).exists():
             raise FileNotFoundError(f"{probe_dir / needed} missing: run dvc repro letter_cache")
-    prompts = pd.read_parquet(seed_dir / PROMPTS)
-    acts = load_file(str(seed_dir / PROMPT_ACTS))["acts"]
+    prompts = pd.read_parquet(verified(seed_dir / PROMPTS))
+    acts = load_file(str(verified(seed_dir / PROMPT_ACTS)))["acts"]
     tokenizer = AutoTokenizer.from_pretrained(letters_dir / TOKENIZER)
     model = CachedModel(manifest, tokenizer, prompts["prompt"].tolist(), acts, seed_info["prompt_tokens"])
     sae_name = f"{name}_seed{seed}"

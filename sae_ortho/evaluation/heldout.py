@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from sae_ortho.base.device import HOST
-from sae_ortho.base.io import atomic_dir, atomic_write_text
+from sae_ortho.base.io import atomic_dir, atomic_write_text, verified
 from sae_ortho.base.params import Params
 from sae_ortho.data.extract import document_tokens, fill_stream
 from sae_ortho.data.shards import ActivationShards
@@ -92,9 +92,9 @@ class HeldoutSet:
         directory = Path(directory)
         if not (directory / MANIFEST).exists():
             raise FileNotFoundError(f"{directory / MANIFEST} not found: run the llm_cache stage (dvc repro llm_cache)")
-        t = load_file(str(directory / TENSORS))
+        t = load_file(str(verified(directory / TENSORS)))
         refs = {k: v for k, v in t.items() if k.startswith(("ce_", "kl_"))}
-        return cls(t["tokens"], t["resid_pre"], t["acts"], json.loads((directory / MANIFEST).read_text()), refs)
+        return cls(t["tokens"], t["resid_pre"], t["acts"], json.loads(verified(directory / MANIFEST).read_text()), refs)
 
     def token_acts(self) -> torch.Tensor:
         """Hook activations of the non-BOS positions, [n_tokens, d_in]: what SAE metrics are computed on."""
@@ -280,7 +280,7 @@ def build_heldout(
         "norm_median": norms.median().item(),
         "mean_ablation": "mean of the training activations (data/activations)",
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, digests=True) as tmp:
         save_file(
             {
                 "tokens": tokens,

@@ -245,7 +245,7 @@ def build_seed(model, p: Params, seed: int, out_dir: Path, vocab: list[str]) -> 
 def build_letter_cache(model, p: Params, out_dir: Path) -> dict:
     """All seeds, written to a temporary folder and moved into place whole (an interrupted run leaves nothing)."""
     check_hook(p)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, digests=True) as tmp:
         vocab = vocabulary(model.tokenizer)
         per_seed = [build_seed(model, p, seed, tmp / f"seed_{seed}", vocab) for seed in p.letters.seeds]
         model.tokenizer.save_pretrained(tmp / TOKENIZER)  # the SAE side parses words without loading the model

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from sae_ortho.base import dist
 from sae_ortho.base.device import HOST
-from sae_ortho.base.io import atomic_dir, atomic_write_text, sha256_file
+from sae_ortho.base.io import atomic_dir, atomic_write_text, sha256_file, verified
 from sae_ortho.base.params import OFFLINE_TASKS, SAEBENCH_HUB_TASKS, Params
 
 MANIFEST = "manifest.json"
@@ -209,7 +209,7 @@ class TaskActs:
 
     @classmethod
     def load(cls, acts_dir: Path, task: str, index: pd.DataFrame) -> TaskActs:
-        tensors = load_file(str(acts_dir / task_file(task)))
+        tensors = load_file(str(verified(acts_dir / task_file(task))))
         rows = index[index["task"] == task].drop(columns="task").reset_index(drop=True)
         return cls(tensors["activations"], tensors["token_ids"], rows)
 
@@ -260,7 +260,7 @@ def save_probe_cache(out_dir: Path, tasks: dict[str, TaskActs], p: Params, progr
     rename it to `out_dir` (replacing it), so an interrupted run leaves nothing DVC could cache."""
     from sae_bench.sae_bench_utils.activation_collection import create_meaned_model_activations
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, digests=True) as tmp:
         files, llm = {}, {}
         for task, ta in tqdm(tasks.items(), desc="LLM-residual probes", disable=not progress_bar):
             path = tmp / task_file(task)

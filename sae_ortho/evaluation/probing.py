@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from sae_ortho.base.device import HOST
+from sae_ortho.base.io import verified
 from sae_ortho.base.params import Params
 from sae_ortho.evaluation.probe_cache import (
     INDEX,
@@ -53,7 +54,7 @@ def load_cache_manifest(acts_dir: Path, p: Params) -> dict:
     path = acts_dir / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run dvc repro llm_cache")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(verified(path).read_text())
     stale = [k for k, v in cache_meta(p).items() if manifest.get(k) != v]
     if stale:
         raise ValueError(
@@ -69,7 +70,7 @@ def sae_probe_results(sae, acts_dir: Path, p: Params, progress_bar: bool = True)
 
     load_cache_manifest(acts_dir, p)
     llm = json.loads((acts_dir / LLM_RESULTS).read_text())["per_class"]
-    index = pd.read_parquet(acts_dir / INDEX)
+    index = pd.read_parquet(verified(acts_dir / INDEX))
     sae_pool = functools.partial(get_sae_meaned_activations, sae=_Encoder(sae), sae_batch_size=p.probing.batch_size)
     device = next(iter(sae.parameters())).device if hasattr(sae, "parameters") else HOST
     details, unstructured = [], {}

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from sae_ortho.base.device import HOST
-from sae_ortho.base.io import temp_sibling
+from sae_ortho.base.io import temp_sibling, verified
 from sae_ortho.base.params import Params, SyntheticHierarchy, SyntheticParams
 from sae_ortho.base.stats import bootstrap_ci
 from sae_ortho.evaluation.synthetic import (
@@ -298,7 +298,7 @@ def _one_run(job: SyntheticJob) -> tuple[dict, dict, np.ndarray]:
     if (run_dir / "pairs.parquet").exists():  # ortho arms: what the penalty acted on, late in training
         import pyarrow.parquet as pq
 
-        kept = pq.read_table(run_dir / "pairs.parquet").to_pandas()
+        kept = pq.read_table(verified(run_dir / "pairs.parquet")).to_pandas()
         late = kept[kept.step >= 0.8 * kept.step.max()]
         metrics["kept_pairs_last20pct"] = kept_pair_kinds(late.i.to_numpy(), late.j.to_numpy(), ev["matched"], pairs)
     if job.curve:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sae_ortho.analysis import stability as st
+from sae_ortho.base.io import verified
 from sae_ortho.base.params import Params
 from sae_ortho.base.paths import HELDOUT, LETTERS, PROBE_ACTS
 from sae_ortho.evaluation.absorption import absorption_result
@@ -108,7 +109,7 @@ def pair_stability(sae_dir: Path, d_sae: int, null_draws: int = 2, seed: int = 0
     path = sae_dir / "pairs.parquet"
     if not path.exists():
         return None
-    _, sets = st.log_sets(pq.read_table(path).to_pandas(), d_sae)
+    _, sets = st.log_sets(pq.read_table(verified(path)).to_pandas(), d_sae)
     if len(sets) < 2:
         return None
     nulls = st.null_sets(sets, d_sae, null_draws, np.random.default_rng(seed))

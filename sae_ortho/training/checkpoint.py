@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from sae_ortho.base.device import HOST
-from sae_ortho.base.io import atomic_file
+from sae_ortho.base.io import atomic_file, recorded, verified
 
 if TYPE_CHECKING:
     from sae_ortho.training.trainer import Trainer
@@ -52,7 +52,7 @@ def trainer_state(trainer: Trainer) -> dict:
 
 def save_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> None:
     # atomic_file writes under a unique temporary name: a kill mid-write leaves the last checkpoint whole
-    with atomic_file(directory / CHECKPOINT) as tmp:
+    with atomic_file(directory / CHECKPOINT, digest=True) as tmp:
         torch.save({"fingerprint": fingerprint, **trainer_state(trainer)}, tmp)
 
 
@@ -61,9 +61,13 @@ def load_checkpoint(trainer: Trainer, directory: Path, fingerprint: str) -> bool
     path = directory / CHECKPOINT
     if not path.exists():
         return False
+    if recorded(path) is None:
+        print(f"ignoring {path}: no sha256 recorded for it (an older trainer's), it cannot be checked", file=sys.stderr)
+        return False
+    fix = f"delete {directory} to train this run from its start"
     try:
         # On the CPU first: the RNG state must stay there; load_state_dict moves weights and Adam's moments.
-        state = torch.load(path, weights_only=True, map_location=HOST)
+        state = torch.load(verified(path, fix=fix), weights_only=True, map_location=HOST)
     except pickle.UnpicklingError:  # format 1 held numpy arrays
         state = {}
     if state.get("format") != CHECKPOINT_FORMAT:

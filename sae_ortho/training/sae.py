@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sae_ortho.base.device import HOST
-from sae_ortho.base.io import atomic_dir
+from sae_ortho.base.io import atomic_dir, verified
 
 # batchtopk (Bussmann et al. 2024): training keeps the batch's k * B largest pre-activations; inference
 # thresholds at `threshold` (a running estimate of the smallest kept one), exported as SAELens's JumpReLU.
@@ -93,7 +93,7 @@ class SAE(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
+        with atomic_dir(directory, digests=True) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp / STATE_FILE))
             self.to_saelens().save_model(tmp)
@@ -103,9 +103,9 @@ class SAE(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        cfg = SAEConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        cfg = SAEConfig(**json.loads(verified(directory / CONFIG_FILE).read_text()))
         sae = cls(cfg)
-        sae.load_state_dict(load_file(str(directory / STATE_FILE)))
+        sae.load_state_dict(load_file(str(verified(directory / STATE_FILE))))
         return sae
 
     def to_saelens(self):

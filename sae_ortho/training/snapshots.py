@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sae_ortho.base.io import atomic_file
+from sae_ortho.base.io import atomic_file, verified
 
 SNAPSHOTS = "snapshots.safetensors"
 SNAPSHOT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -22,7 +22,7 @@ def save_snapshot(sae, directory: Path, step: int) -> None:
     and decoder cosines, which is all the stability analysis reads."""
     from safetensors.torch import save_file
 
-    with atomic_file(directory / f"step_{step}.safetensors") as tmp:
+    with atomic_file(directory / f"step_{step}.safetensors", digest=True) as tmp:
         save_file({k: getattr(sae, k).detach().half().cpu().contiguous() for k in SNAPSHOT_KEYS}, str(tmp))
 
 
@@ -32,9 +32,9 @@ def collect_snapshots(directory: Path, out: Path, steps: set[int]) -> None:
 
     tensors = {}
     for step in sorted(steps):
-        for key, value in load_file(str(directory / f"step_{step}.safetensors")).items():
+        for key, value in load_file(str(verified(directory / f"step_{step}.safetensors"))).items():
             tensors[f"{step}.{key}"] = value
-    with atomic_file(out) as tmp:
+    with atomic_file(out, digest=True) as tmp:
         save_file(tensors, str(tmp))
 
 
@@ -43,7 +43,7 @@ def load_snapshots(path: Path) -> dict[int, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(path)).items():
+    for key, value in load_file(str(verified(path))).items():
         step, name = key.split(".", 1)
         out.setdefault(int(step), {})[name] = value.float()
     return dict(sorted(out.items()))

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sae_ortho.base import dist
 from sae_ortho.base import params as params_mod
 from sae_ortho.base.device import HOST
-from sae_ortho.base.io import atomic_file
+from sae_ortho.base.io import atomic_file, verified
 from sae_ortho.base.stats import bootstrap_indices, percentile_ci
 from sae_ortho.data.shards import ActivationShards
 from sae_ortho.training import data_parallel as dp
@@ -99,18 +99,18 @@ def keep_last_good(trainer: Trainer, ckpt_dir: Path, fingerprint: str) -> None:
     if trainer.log.sync_each_step:
         save_checkpoint(trainer, last_good, fingerprint)
     elif (ckpt_dir / CHECKPOINT).exists():
-        last_good.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ckpt_dir / CHECKPOINT, last_good / CHECKPOINT)
+        with atomic_file(last_good / CHECKPOINT, digest=True) as tmp:
+            shutil.copy2(verified(ckpt_dir / CHECKPOINT), tmp)
 
 
 def publish(trainer: Trainer, cfg: RunConfig, out_dir: Path, ckpt_dir: Path, snap_steps: set[int]) -> None:
     """The finished run's files: the SAE, its tau trace and pair log, its snapshots; the checkpoint goes."""
     trainer.sae.save(out_dir)
     if cfg.uses_ortho:
-        with atomic_file(out_dir / TAU_TRACE) as tmp, open(tmp, "wb") as fh:  # np.save(path) appends .npy
+        with atomic_file(out_dir / TAU_TRACE, digest=True) as tmp, open(tmp, "wb") as fh:  # np.save(path) appends .npy
             np.save(fh, np.array(trainer.tau_trace, dtype=np.float64))
         pairs = {k: np.concatenate([p[k] for p in trainer.pair_log]) for k in ("step", "i", "j", "score", "cos")}
-        with atomic_file(out_dir / "pairs.parquet") as tmp:
+        with atomic_file(out_dir / "pairs.parquet", digest=True) as tmp:
             pq.write_table(pa.table(pairs), tmp)
     if snap_steps:
         collect_snapshots(ckpt_dir / "snapshots", out_dir / SNAPSHOTS, snap_steps)

@@ -1,0 +1,42 @@
+"""Fault injection for the reliability suite (`make reliability`, bench/reliability.py): a process kills
+itself with SIGKILL, as the OOM killer or a power cut would, at a chosen point or after a chosen time.
+
+SAE_ORTHO_FAULT=<point>:<n>   the n-th call of fault_point(<point>) in this process (e.g. `rename:3`: just
+                              before the third atomic rename of an output, io.py)
+SAE_ORTHO_FAULT=after:<secs>  <secs> after the package is imported (a random point of a stage's run)
+SAE_ORTHO_FAULT_TRACE=<file>  every fault_point call is appended there with the process id, so a clean
+                              run tells the suite how many points of each kind a stage passes
+
+Unset (every normal run), fault_point is one environment lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    spec, trace = os.environ.get("SAE_ORTHO_FAULT"), os.environ.get("SAE_ORTHO_FAULT_TRACE")
+    if not spec and not trace:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(f"{name} {os.getpid()}\n")
+    if spec:
+        point, _, nth = spec.rpartition(":")
+        if point == name and int(nth) == _hits[name]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm_timer() -> None:
+    """Start the `after:<secs>` timer, once per process (called on importing the package)."""
+    point, _, secs = os.environ.get("SAE_ORTHO_FAULT", "").rpartition(":")
+    if point == "after":
+        timer = threading.Timer(float(secs), os.kill, (os.getpid(), signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
