@@ -57,6 +57,44 @@ TINY = {
 }
 
 
+# study/params.yaml on tiny settings (tests/test_study_pipeline.py, bench/reliability.py)
+TINY_STUDY = {
+    "sweep_tokens": 128 * 6,
+    "scaling_tokens": [128 * 9],
+    "scaling_arms": ["best"],
+    "headline_seeds": [0],
+    # On the LM: the baseline and the selection (the control and the reference arms' LM runs take the same
+    # stage with another RunConfig: their penalties are trained in test_train.py, their arm resolution is
+    # tested in test_study.py); on fresh synthetic seeds the pair the selection could bias, and the control's
+    # own stage (it replays best's tau).
+    "headline_arms": ["baseline", "best"],
+    "synthetic_extra": ["baseline", "best"],
+    "heldout_contexts": 3,
+    # One penalised arm (the adaptive schedule is trained in test_train.py; the selection rule over several
+    # arms is tested in test_study.py).
+    "sweep": {"baseline": {"penalty": "none"}, "fixed_1e1": {"tau": 10.0}},
+    "ablation": {"frac_1e-2": {"from_selection": "topk", "topk_fraction": 0.01}},
+    # One instance and regime at the tiny synthetic model's size (tests/pipeline_copy.py), two fresh seeds.
+    "synthetic_grid": {
+        "instances": [100],
+        "regimes": {"matched": {"d_sae": 24, "k": 4}},
+        "selection_seeds": [0],
+        "seeds": [10, 11],
+        "curve_seeds": 1,
+        "reseed": 1,
+    },
+}
+
+
+
+def write_tiny_study(repo: Path) -> dict:
+    """study/params.yaml of `repo` on tiny settings; returns what it wrote."""
+    study = yaml.safe_load((repo / "study/params.yaml").read_text()) | TINY_STUDY
+    study["measures"] |= {"min_seeds": 2, "holm_family": ["best", "control"]}
+    (repo / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    return study
+
+
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**stage_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")

@@ -241,3 +241,28 @@ def test_llm_cache_on_two_processes_writes_the_one_process_cache(repo_copy):
     run([sys.executable, "-m", "stages.llm_cache"], repo_copy)
     assert hashes() == before
     assert json.loads((repo_copy / "metrics/llm_cache.json").read_text())["processes"] == 2
+
+
+def test_fault_sample_killed_stages_rerun_to_identical_outputs(repo_copy):
+    """`make test`'s sample of `make reliability` (bench/reliability.py): SIGKILL of `train` at its second
+    atomic rename (a checkpoint, so the rerun resumes) and of `core@ortho` two seconds into its run; each
+    time DVC records nothing, and the rerun gives the uninterrupted outputs except the volatile fields."""
+    from bench import reliability as rel
+
+    ref = rel.lock_entries(repo_copy), rel.uncached_files(repo_copy), rel.cache_objects(repo_copy)
+    for stage, fault in (("train", "rename:2"), ("core@ortho", "after:2")):
+        result = rel.inject(repo_copy, {"stage": stage, "kind": stage, "fault": fault, "at": "test"}, *ref)
+        assert result["fired"] and result["survived"], result
+
+
+def test_full_disk_and_read_only_output_fail_in_one_line(repo_copy):
+    """The train stage on a disk that fills mid-write (a 256 KiB tmpfs over models/, or `ulimit -f` where
+    this machine cannot mount) and on a read-only models/: one line, non-zero exit, nothing half-written,
+    and a rerun on the real disk gives the reference outputs."""
+    from bench import reliability as rel
+
+    ref_lock, ref_files = rel.lock_entries(repo_copy), rel.uncached_files(repo_copy)
+    for case in rel.disk_faults(repo_copy, ref_lock, ref_files):
+        if "skipped" in case:
+            continue
+        assert case["one_line"] and not case["half_written"] and case["rerun_identical"], case

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.pipeline_copy import copy_repo, reproduced, run
+from tests.pipeline_copy import copy_repo, reproduced, run, write_tiny_study
 
 
 @pytest.fixture(scope="module")
@@ -16,41 +16,11 @@ def repo_copy(tmp_path_factory) -> Path:
     return copy_repo(tmp_path_factory, "study")
 
 
-TINY_STUDY = {
-    "sweep_tokens": 128 * 6,
-    "scaling_tokens": [128 * 9],
-    "scaling_arms": ["best"],
-    "headline_seeds": [0],
-    # On the LM: the baseline and the selection (the control and the reference arms' LM runs take the same
-    # stage with another RunConfig: their penalties are trained in test_train.py, their arm resolution is
-    # tested in test_study.py); on fresh synthetic seeds the pair the selection could bias, and the control's
-    # own stage (it replays best's tau).
-    "headline_arms": ["baseline", "best"],
-    "synthetic_extra": ["baseline", "best"],
-    "heldout_contexts": 3,
-    # One penalised arm (the adaptive schedule is trained in test_train.py; the selection rule over several
-    # arms is tested in test_study.py).
-    "sweep": {"baseline": {"penalty": "none"}, "fixed_1e1": {"tau": 10.0}},
-    "ablation": {"frac_1e-2": {"from_selection": "topk", "topk_fraction": 0.01}},
-    # One instance and regime at the tiny synthetic model's size (tests/pipeline_copy.py), two fresh seeds.
-    "synthetic_grid": {
-        "instances": [100],
-        "regimes": {"matched": {"d_sae": 24, "k": 4}},
-        "selection_seeds": [0],
-        "seeds": [10, 11],
-        "curve_seeds": 1,
-        "reseed": 1,
-    },
-}
-
-
 def test_study_pipeline_end_to_end_and_one_arm_edit(repo_copy):
     """`make study`'s command on tiny settings: every stage runs on the default's cached outputs, the
     report and its plots appear, every headline SAE passes the science checks; editing one sweep arm
     marks exactly that arm's stages, the selection and the report as changed."""
-    study = yaml.safe_load((repo_copy / "study/params.yaml").read_text()) | TINY_STUDY
-    study["measures"] |= {"min_seeds": 2, "holm_family": ["best", "control"]}
-    (repo_copy / "study/params.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    study = write_tiny_study(repo_copy)
     ran = reproduced(repo_copy, "study/dvc.yaml")
     study_ran = [s for s in ran if s.startswith("study/")]
     # sweep (2 x 2), select, ablation (2), synthetic headline (2) + control, LM headline (2), cross-seed (2),

@@ -105,7 +105,11 @@ class LettersParams:
         check(len(self.seeds) >= 1, f"{prefix}.seeds", "needs at least one seed")
         check(len(set(self.seeds)) == len(self.seeds), f"{prefix}.seeds", f"must be distinct, got {self.seeds}")
         check("{word}" in self.prompt_template, f"{prefix}.prompt_template", "must contain {word}")
-        check(self.prompt_token_pos < 0, f"{prefix}.prompt_token_pos", "must be negative (from the end)")
+        check(
+            -len(self.prompt_template) <= self.prompt_token_pos < 0,
+            f"{prefix}.prompt_token_pos",
+            f"must be negative (from the end) and within the template ({len(self.prompt_template)} characters)",
+        )
         check(self.max_icl_examples >= 0, f"{prefix}.max_icl_examples", "must be >= 0")
         check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         check(self.probe_epochs >= 1, f"{prefix}.probe_epochs", "must be >= 1")
@@ -194,6 +198,7 @@ class SyntheticParams:
     def validate(self, prefix: str = "synthetic") -> None:
         check(self.hidden_dim >= 2, f"{prefix}.hidden_dim", "must be >= 2")
         check(self.firing_exponent > 0, f"{prefix}.firing_exponent", "must be > 0")
+        check(0 < self.firing_max_prob <= 1, f"{prefix}.firing_max_prob", "must be in (0, 1]")
         check(
             0 < self.firing_min_prob < self.firing_max_prob <= 1,
             f"{prefix}.firing_min_prob",
@@ -255,4 +260,5 @@ class StabilityParams:
         check(self.heldout_batches >= 1, f"{prefix}.heldout_batches", "must be >= 1")
         check(self.null_draws >= 1, f"{prefix}.null_draws", "must be >= 1")
         check(all(0 < c < 1 for c in self.cos_thresholds), f"{prefix}.cos_thresholds", "must be in (0, 1)")
+        check(len(self.cos_thresholds) > 0, f"{prefix}.cos_thresholds", "needs at least one threshold")
         check(self.top_pairs >= 1, f"{prefix}.top_pairs", "must be >= 1")

@@ -51,6 +51,11 @@ def build(cls: type[T], raw: Any, prefix: str = "") -> T:
     for key, value in raw.items():
         where = f"{prefix}.{key}" if prefix else key
         kwargs[key] = _coerce(hints[key], value, where)
+        if key == "seed" or key.endswith(("_seed", "seeds")):  # every seed, found by name (the catalogue's finding)
+            seeds = kwargs[key] if isinstance(kwargs[key], tuple) else (kwargs[key],)
+            check(
+                all(s >= 0 for s in seeds), where, f"seeds must be >= 0 (numpy's generators refuse others), got {value}"
+            )
     return cls(**kwargs)
 
 

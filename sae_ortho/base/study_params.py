@@ -97,6 +97,7 @@ class SyntheticGrid:
 
     def validate(self, where: str = "synthetic_grid") -> None:
         check(len(self.instances) >= 1, f"{where}.instances", "needs at least one synthetic model seed")
+        check(all(i >= 0 for i in self.instances), f"{where}.instances", "model seeds must be >= 0")
         for name, regime in self.regimes.items():
             regime.validate(f"{where}.regimes.{name}")
         check(len(self.regimes) >= 1, f"{where}.regimes", "needs at least one regime")
@@ -110,7 +111,7 @@ class SyntheticGrid:
         check(not set(self.instances) & {*self.seeds, *self.selection_seeds}, f"{where}.instances",
               "must differ from the training seeds")  # fmt: skip
         check(0 <= self.curve_seeds <= len(self.seeds), f"{where}.curve_seeds", "must be in [0, len(seeds)]")
-        check(self.reseed != 0, f"{where}.reseed", "must not be 0 (that is the first draw)")
+        check(self.reseed >= 1, f"{where}.reseed", "must be >= 1 (0 is the first draw; seeds are >= 0)")
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,9 @@ class Measures:
         pair_or_summary = (*PAIR_MEASURES, *SUMMARY_MEASURES)
         check(self.primary in PAIR_MEASURES, f"{where}.primary", f"must be one of {', '.join(PAIR_MEASURES)}")
         check(self.guard in PAIR_MEASURES, f"{where}.guard", f"must be one of {', '.join(PAIR_MEASURES)}")
-        for name in (*self.secondary, *self.cost):
-            check(name in pair_or_summary, f"{where}.secondary", f"unknown measure {name!r}")
+        for key in ("secondary", "cost"):
+            for name in getattr(self, key):
+                check(name in pair_or_summary, f"{where}.{key}", f"unknown measure {name!r}")
         check(0 <= self.guard_max_drop <= 1, f"{where}.guard_max_drop", "must be in [0, 1]")
         check(0 < self.smallest_effect < 1, f"{where}.smallest_effect", "must be in (0, 1)")
         check(len(self.holm_family) >= 1, f"{where}.holm_family", "needs at least one arm")
@@ -204,6 +206,8 @@ class StudyParams:
 
     def validate(self) -> None:
         check(self.sweep_tokens >= 1, "sweep_tokens", "must be >= 1")
+        check(all(t >= 1 for t in self.scaling_tokens), "scaling_tokens", "must be >= 1 each")
+        check(len(self.headline_arms) >= 1, "headline_arms", "needs at least one arm (the baseline)")
         check(self.heldout_contexts >= 1, "heldout_contexts", "must be >= 1")
         check(self.headline_heldout_contexts >= 1, "headline_heldout_contexts", "must be >= 1")
         check(0 < self.topk_fraction <= 1, "topk_fraction", "must be in (0, 1]")
@@ -222,8 +226,9 @@ class StudyParams:
         for name, arm in self.headline.items():
             where = f"headline.{name}.tau_from"
             check(not arm.tau_from or arm.tau_from in self.headline, where, "must name a headline arm")
-        for name in (*self.headline_arms, *self.synthetic_extra, *self.scaling_arms):
-            check(name in self.headline, "headline_arms", f"{name!r} has no entry in `headline`")
+        for key in ("headline_arms", "synthetic_extra", "scaling_arms"):
+            for name in getattr(self, key):
+                check(name in self.headline, key, f"{name!r} has no entry in `headline`")
         check(0 < self.alpha < 1, "alpha", "must be in (0, 1)")
         self.selection.validate()
         self.synthetic_grid.validate()
