@@ -14,7 +14,7 @@ export PYTHONPATH := $(CURDIR)
 # DVC runs stage commands with `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro study test test-slow test-hub bench lint clean-venv
+.PHONY: install repro study test test-slow test-hub bench reliability lint clean-venv
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ bench: $(STAMP)
 	$(PY) -m bench.synthetic_run
 	$(PY) -m bench.dist
 	$(PY) -m bench.gpu
+
+# The fault-injection suite (bench/reliability.py): SIGKILL at 34 seeded points of every stage kind of a tiny
+# default pipeline and study, corrupt and bad inputs, a full disk, a read-only output -> metrics/reliability.json.
+reliability: $(STAMP)
+	$(PY) -m bench.reliability
 
 # ruff; import-linter's contracts (pyproject.toml: imports only point down the pipeline's layers, stages
 # independent); pylint's similarity checker (-d 10: no identical run of more than 10 lines, imports, docstrings,

@@ -62,13 +62,13 @@ def dvc(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def stage_order(repo: Path) -> list[str]:
+    """Both pipelines' stages, every stage after the stages it depends on."""
     code = (
-        "from dvc.repo import Repo; import json; r = Repo('.'); "
-        "print(json.dumps([s.addressing for s in r.reproduce('dvc.yaml', dry=True)] + "
-        "[s.addressing for s in r.reproduce('study/dvc.yaml', dry=True)]))"
+        "from dvc.repo import Repo; import json, networkx as nx; g = Repo('.').index.graph; "
+        "print(json.dumps([s.addressing for s in reversed(list(nx.topological_sort(g)))]))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=_env(), capture_output=True, text=True)
-    return list(dict.fromkeys(json.loads(out.stdout.strip().splitlines()[-1])))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def stage_kind(repo: Path, addressing: str) -> str:
@@ -190,11 +190,13 @@ def differences(repo: Path, stage: str, ref_lock: dict, ref_files: dict) -> list
     return diffs
 
 
-def inject(repo: Path, fault: dict, ref_lock: dict, ref_files: dict, ref_cache: set[str]) -> dict:
+def inject(repo: Path, fault: dict, ref_lock: dict, ref_files: dict) -> dict:
     stage = fault["stage"]
+    lock_before, cache_before = lock_entries(repo), cache_objects(repo)
     killed = dvc(repo, "repro", "-f", "-s", stage, SAE_ORTHO_FAULT=fault["fault"])
     result = {**fault, "fired": killed.returncode != 0}
-    result["nothing_recorded"] = lock_entries(repo) == ref_lock and cache_objects(repo) <= ref_cache
+    # DVC recorded nothing of the killed run: both locks as before it, no new object in the cache.
+    result["nothing_recorded"] = lock_entries(repo) == lock_before and cache_objects(repo) <= cache_before
     rerun = dvc(repo, "repro", "-s", stage)
     result["rerun_ok"] = rerun.returncode == 0
     if not result["rerun_ok"]:
@@ -352,6 +354,58 @@ def stage_inputs(repo: Path) -> list[dict]:
     return cases
 
 
+# A file of each checked kind in the tiny repository, and a stage command that reads it.
+CORRUPTIONS = [
+    ("data/activations/shard_00001.safetensors", ["stages.train", "--name", "ortho"]),
+    ("data/activations/index/shard_00000.parquet", ["stages.llm_cache"]),
+    ("data/activations/manifest.json", ["stages.train", "--name", "ortho"]),
+    ("models/ortho/sae_state.safetensors", ["stages.core", "--sae", "ortho", "--dir", "models/ortho"]),
+    ("models/ortho/pairs.parquet", ["stages.stability"]),
+    ("models/ortho/snapshots.safetensors", ["stages.stability"]),
+    ("data/heldout/heldout.safetensors", ["stages.core", "--sae", "ortho", "--dir", "models/ortho"]),
+    ("data/probe_acts/language_id.safetensors", ["stages.probing", "--sae", "ortho", "--dir", "models/ortho"]),
+    (
+        "data/letters/seed_0/absorption_acts.safetensors",
+        ["stages.absorption", "--sae", "ortho", "--dir", "models/ortho"],
+    ),
+    ("data/letters/tokenizer/tokenizer.json", ["stages.absorption", "--sae", "ortho", "--dir", "models/ortho"]),
+]
+
+
+def corruption(repo: Path) -> list[dict]:
+    """Each file flipped by one byte, then truncated to half: its reader must stop with one line naming it
+    and `dvc checkout --force <file>` (the advice the line gives) must bring the recorded bytes back."""
+    results = []
+    for rel, cmd in CORRUPTIONS:
+        path = repo / rel
+        if not path.exists():
+            results.append({"file": rel, "skipped": "not in this pipeline"})
+            continue
+        original = path.read_bytes()
+        for how in ("flip", "truncate"):
+            data = bytearray(original)
+            if how == "flip":
+                data[len(data) // 2] ^= 0x01
+            else:
+                del data[len(data) // 2 :]
+            path.unlink()  # DVC may have linked the file to its cache: never write through the link
+            path.write_bytes(bytes(data))
+            out = subprocess.run([sys.executable, "-m", *cmd], cwd=repo, env=_env(), capture_output=True, text=True)
+            lines = out.stderr.strip().splitlines()
+            restored = dvc(repo, "checkout", "--force", rel)
+            results.append(
+                {
+                    "file": rel,
+                    "damage": how,
+                    "exit": out.returncode,
+                    "stderr": lines[-2:],
+                    "one_line_naming_it": out.returncode != 0 and len(lines) == 1 and rel in lines[0],
+                    "checkout_restores": restored.returncode == 0 and path.read_bytes() == original,
+                }
+            )
+    return results
+
+
 def disk_faults(repo: Path, ref_lock: dict, ref_files: dict) -> list[dict]:
     """A disk that fills mid-write and a read-only output directory, under the train stage (its checkpoints
     and its SAE go to models/): a small tmpfs mounted over models/ where this machine allows it."""
@@ -409,13 +463,13 @@ def main() -> None:
         ref = reference_run(repo, stage_order(repo), root / "work")
         state.write_text(json.dumps({"repo": str(repo), "ref": ref}))
     work = root / "work"
-    ref_lock, ref_files, ref_cache = lock_entries(repo), uncached_files(repo), cache_objects(repo)
+    ref_lock, ref_files = lock_entries(repo), uncached_files(repo)
     faults = plan(ref, args.seed)
     if args.kinds:
         faults = [f for f in faults if f["kind"] in args.kinds]
     results = []
     for n, fault in enumerate(faults, 1):
-        results.append(inject(repo, fault, ref_lock, ref_files, ref_cache))
+        results.append(inject(repo, fault, ref_lock, ref_files))
         r = results[-1]
         print(
             f"[{n}/{len(faults)}] {fault['stage']} {fault['fault']}: fired {r['fired']}, survived {r['survived']}",
@@ -423,6 +477,7 @@ def main() -> None:
         )
     catalogue = parameter_catalogue(repo, work)
     inputs = stage_inputs(repo)
+    corrupt = corruption(repo)
     disks = disk_faults(repo, ref_lock, ref_files)
     fired = [r for r in results if r["fired"]]
     by_kind: dict[str, dict] = {}
@@ -453,6 +508,7 @@ def main() -> None:
         },
         "bad_parameters": catalogue,
         "bad_inputs": inputs,
+        "corruption": corrupt,
         "disk": disks,
         "verification_cost": verify,
         "plan": faults,

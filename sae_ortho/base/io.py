@@ -159,9 +159,9 @@ def _fix(path: Path) -> str:
 
 
 def recorded(path: Path | str) -> tuple[Path, set[str]] | None:
-    """The SHA256SUMS (in the file's directory or up to two above) that lists `path`, and its digests."""
+    """The SHA256SUMS (in the file's directory or up to five above) that lists `path`, and its digests."""
     path = Path(path)
-    for sums_dir in [path.parent, *list(path.parent.parents)[:2]]:
+    for sums_dir in [path.parent, *list(path.parent.parents)[:5]]:
         name = str(path.relative_to(sums_dir))
         digests = {d for d, n in _read_digests(sums_dir / DIGESTS) if n == name}
         if digests:

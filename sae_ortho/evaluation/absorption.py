@@ -110,10 +110,12 @@ def seed_result(sae, letters_dir: Path, manifest: dict, seed_info: dict, ap: Abs
     seed, lp, layer = seed_info["seed"], manifest["letters"], manifest["layer"]
     seed_dir = letters_dir / f"seed_{seed}"
     probe_dir = seed_dir / "probes" / manifest["model_name"] / f"layer_{layer}"
-    # Without these files sae_bench would train a probe on the whole vocabulary through the model.
+    # Without these files sae_bench would train a probe on the whole vocabulary through the model; checked
+    # (sae_bench reads them itself), as is the tokenizer, whose vocabulary decides every token id.
     for needed in ("probe.pth", "data.npz", "train_df.csv", "test_df.csv"):
-        if not (probe_dir / needed).exists():
-            raise FileNotFoundError(f"{probe_dir / needed} missing: run dvc repro letter_cache")
+        verified(probe_dir / needed)
+    for tokenizer_file in sorted((letters_dir / TOKENIZER).iterdir()):
+        verified(tokenizer_file)
     prompts = pd.read_parquet(verified(seed_dir / PROMPTS))
     acts = load_file(str(verified(seed_dir / PROMPT_ACTS)))["acts"]
     tokenizer = AutoTokenizer.from_pretrained(letters_dir / TOKENIZER)
