@@ -14,7 +14,7 @@ export PYTHONPATH := $(CURDIR)
 # DVC runs stage commands with `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro study test test-slow test-hub bench reliability lint clean-venv
+.PHONY: install repro study test test-slow test-hub bench reliability hardware-noise lint clean-venv
 
 install: $(STAMP)
 
@@ -60,6 +60,11 @@ bench: $(STAMP)
 # default pipeline and study, corrupt and bad inputs, a full disk, a read-only output -> metrics/reliability.json.
 reliability: $(STAMP)
 	$(PY) -m bench.reliability
+
+# Hardware noise (bench/hardware_noise.py): the default pipeline up to `headline` from clean clones under three
+# kernel paths (defaults; AVX2 torch + haswell numba; one thread) -> metrics/hardware_noise.json (~75 min).
+hardware-noise: $(STAMP)
+	$(PY) -m bench.hardware_noise
 
 # ruff; import-linter's contracts (pyproject.toml: imports only point down the pipeline's layers, stages
 # independent); pylint's similarity checker (-d 10: no identical run of more than 10 lines, imports, docstrings,
