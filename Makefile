@@ -40,7 +40,8 @@ study: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 -m "not slow and not hub" tests
 
-# Tests marked slow: another model family through a second tiny `dvc repro` (tests/test_any_model.py).
+# Tests marked slow: another model family through a second tiny `dvc repro` (tests/test_any_model.py); two cold
+# processes building the converted-model cache and the numba cache at once (tests/test_concurrency.py).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q --durations=5 -m slow tests
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.study_params import load_study_or_exit
-from sae_ortho.study.report import StudyResults, comparisons, headline_json, headline_table
+from sae_ortho.study.report import StudyResults, comparisons, hardware_noise, headline_json, headline_table
 from sae_ortho.study.report_md import render
 from sae_ortho.study.report_plots import PLOTS
 from sae_ortho.study.synthetic_stats import decide
@@ -25,7 +25,7 @@ def main() -> None:
         plot(results, PLOTS_DIR / name)
     atomic_write_text(REPORT, render(results, list(PLOTS)) + "\n")
     headline = headline_json(results)
-    counted = [c["key"] for c in comparisons(headline_table(results), study.alpha) if c["counts"]]
+    counted = [c["key"] for c in comparisons(headline_table(results), study.alpha, hardware_noise()) if c["counts"]]
     declared = {}
     if "baseline" in results.synthetic_headline:
         declared = {a: row["verdict"] for a, row in decide(study, results.synthetic_headline)["arms"].items()}

@@ -86,7 +86,6 @@ TINY_STUDY = {
 }
 
 
-
 def write_tiny_study(repo: Path) -> dict:
     """study/params.yaml of `repo` on tiny settings; returns what it wrote."""
     study = yaml.safe_load((repo / "study/params.yaml").read_text()) | TINY_STUDY

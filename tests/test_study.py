@@ -134,6 +134,26 @@ def test_a_planted_paired_difference_counts_and_noise_does_not():
     assert not rows["noisy"]["counts"]
 
 
+def test_a_planted_difference_within_the_hardware_noise_does_not_count(tmp_path):
+    """The same planted shift stops counting once the kernel paths alone move the figure by more; the noise
+    is read from make hardware-noise's file (absent: counted as 0)."""
+    import json
+
+    from sae_ortho.study.report import hardware_noise
+
+    table = {
+        "baseline": {"probing_top_1": cell([0.50, 0.55, 0.45, 0.52])},
+        "planted": {"probing_top_1": cell([0.60, 0.651, 0.549, 0.62])},
+    }
+    path = tmp_path / "hardware_noise.json"
+    assert hardware_noise(path) == {}
+    path.write_text(json.dumps({"noise_by_metric": {"probing_top_1": 0.15, "fvu": 0.0}}))
+    noise = hardware_noise(path)
+    assert comparisons(table, 0.05, {"probing_top_1": 0.05})[0]["counts"]
+    row = comparisons(table, 0.05, noise)[0]
+    assert row["holm_rejects"] and row["hardware_noise"] == 0.15 and not row["counts"]
+
+
 def test_first_letter_difference_needs_meaningful_figures_and_to_beat_reseed_noise():
     def row(values, meaningful, reseed):
         return {

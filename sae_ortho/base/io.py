@@ -16,6 +16,7 @@ naming it and the fix, before any work is done on it: a flipped byte must never 
 from __future__ import annotations
 
 import atexit
+import errno
 import fcntl
 import hashlib
 import json
@@ -90,12 +91,17 @@ def atomic_file(path: Path | str, digest: bool = False) -> Iterator[Path]:
     tmp = temp_sibling(path)
     try:
         yield tmp
-        new = sha256_file(tmp) if digest else ""
-        if digest:
+        if not digest:
+            fault_point("rename")
+            os.replace(tmp, path)
+            return
+        new = sha256_file(tmp)
+        # Under the directory's lock: two processes writing the same name take turns here, so a reader
+        # always finds the file's digest listed (both digests between the rename and the second record).
+        with _directory_lock(path.parent):
             _record(path, new, keep_old=True)
-        fault_point("rename")
-        os.replace(tmp, path)
-        if digest:
+            fault_point("rename")
+            os.replace(tmp, path)
             _record(path, new, keep_old=False)
     finally:
         _remove(tmp)
@@ -116,9 +122,17 @@ def atomic_dir(directory: Path | str, digests: bool = False) -> Iterator[Path]:
         if digests:
             write_digests(tmp)
         fault_point("rename")
-        if directory.exists():
-            _remove(directory)
-        os.replace(tmp, directory)
+        for _ in range(100):  # another writer of the same name may land between the removal and the rename
+            if directory.exists():
+                _remove(directory)
+            try:
+                os.replace(tmp, directory)
+                break
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        else:
+            raise OSError(errno.EEXIST, f"{directory} kept being rewritten by another process")
     finally:
         _remove(tmp)
 
@@ -141,17 +155,22 @@ def _read_digests(sums: Path) -> list[tuple[str, str]]:
     return [tuple(line.split("  ", 1)) for line in sums.read_text().splitlines() if "  " in line]  # type: ignore[misc]
 
 
-def _record(path: Path, digest: str, keep_old: bool) -> None:
-    """Set `path`'s entry in its directory's SHA256SUMS (under a lock: a run's files share one)."""
-    sums = path.parent / DIGESTS
-    lock = os.open(path.parent, os.O_RDONLY)  # flock on the directory itself: no lock file left in an output
+@contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    lock = os.open(directory, os.O_RDONLY)  # flock on the directory itself: no lock file left in an output
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = _read_digests(sums)
-        kept = [(d, n) for d, n in rows if n != path.name or (keep_old and d != digest)]
-        atomic_write_text(sums, "".join(f"{d}  {n}\n" for d, n in [*kept, (digest, path.name)]))
+        yield
     finally:
         os.close(lock)
+
+
+def _record(path: Path, digest: str, keep_old: bool) -> None:
+    """Set `path`'s entry in its directory's SHA256SUMS (the caller holds the directory's lock)."""
+    sums = path.parent / DIGESTS
+    rows = _read_digests(sums)
+    kept = [(d, n) for d, n in rows if n != path.name or (keep_old and d != digest)]
+    atomic_write_text(sums, "".join(f"{d}  {n}\n" for d, n in [*kept, (digest, path.name)]))
 
 
 def _fix(path: Path) -> str:
@@ -182,11 +201,20 @@ def verified(path: Path | str, expected: str | None = None, fix: str | None = No
     if _verified.get(key) == seen:
         return path
     start = time.perf_counter()
-    found = ("the manifest", {expected}) if expected is not None else recorded(path)
-    if found is None:
-        raise CorruptFile(f"error: {path}: no sha256 recorded for it (no {DIGESTS} lists it): {fix}")
-    if sha256_file(path) not in found[1]:
-        raise CorruptFile(f"error: {path}: sha256 does not match {found[0]} (corrupt, truncated or modified): {fix}")
+    for _ in range(3):  # a writer may replace the file while it is hashed: hash again when it moved
+        found = ("the manifest", {expected}) if expected is not None else recorded(path)
+        if found is None:
+            raise CorruptFile(f"error: {path}: no sha256 recorded for it (no {DIGESTS} lists it): {fix}")
+        if sha256_file(path) in found[1]:
+            break
+        now = path.stat()
+        if (now.st_size, now.st_mtime_ns, now.st_ino) == (stat.st_size, stat.st_mtime_ns, stat.st_ino):
+            raise CorruptFile(
+                f"error: {path}: sha256 does not match {found[0]} (corrupt, truncated or modified): {fix}"
+            )
+        stat, seen = now, (now.st_size, now.st_mtime_ns)
+    else:
+        raise CorruptFile(f"error: {path} kept changing while it was verified: {fix}")
     _verified[key] = seen
     _verify_cost["files"] += 1
     _verify_cost["bytes"] += stat.st_size
