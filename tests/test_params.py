@@ -151,7 +151,7 @@ def test_readme_parameter_table_is_the_generated_schema():
 def test_every_generated_bad_value_of_every_key_is_rejected_naming_it(tmp_path):
     """The reliability suite's catalogue: each key of params.yaml and study/params.yaml, from the schema,
     with a wrong-type and an out-of-range value (NaN too for floats), through the loaders the stages call."""
-    from bench.reliability import parameter_catalogue
+    from bench.reliability_inputs import parameter_catalogue
     from tests.conftest import REPO
 
     result = parameter_catalogue(REPO, tmp_path)
