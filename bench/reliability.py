@@ -43,6 +43,7 @@ from bench.reliability_repo import (
     stray_temps,
     uncached_files,
 )
+from tests.conftest import REPO
 from tests.pipeline_copy import copy_repo, write_tiny_study
 
 
@@ -111,6 +112,16 @@ def inject(repo: Path, fault: dict, ref_lock: dict, ref_files: dict) -> dict:
     if not result["survived"]:  # back to the reference for the next fault
         dvc(repo, "checkout", "--force")
     return result
+
+
+def _hardware_noise() -> dict:
+    """make hardware-noise's figures (a separate target: three full default runs take longer than this suite)."""
+    path = REPO / "metrics/hardware_noise.json"
+    if not path.exists():
+        return {"measured": False, "how": "make hardware-noise"}
+    noise = json.loads(path.read_text())
+    keys = ("commit", "variants", "noise_by_metric", "bit_identical_everywhere", "differ_somewhere")
+    return {"measured": True, "source": "metrics/hardware_noise.json", **{k: noise[k] for k in keys}}
 
 
 def main() -> None:
@@ -183,6 +194,7 @@ def main() -> None:
         "corruption": corrupt,
         "disk": disks,
         "queued_experiment_beside_repro": queued,
+        "hardware_noise": _hardware_noise(),
         "verification_cost": verify,
         "plan": faults,
         "results": results,
