@@ -91,6 +91,13 @@ def _get(raw: dict, key: str):
     return node
 
 
+def one_line_error(stderr: str) -> bool:
+    """The stage ended with one error line, last, and no traceback (progress bars before it are progress)."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return bool(lines) and lines[-1].startswith("error:") and len(errors) == 1 and "Traceback" not in stderr
+
+
 def _listing(repo: Path) -> list[str]:
     return sorted(str(p.relative_to(repo)) for d in ("data", "models", "metrics") for p in (repo / d).rglob("*"))
 
@@ -101,13 +108,13 @@ def stage_inputs(repo: Path) -> list[dict]:
     cases = []
 
     def case(name: str, cmd: list[str], prepare, restore) -> None:
-        prepare()
         before = cache_objects(repo), _listing(repo)
+        prepare()
         out = subprocess.run([sys.executable, "-m", *cmd], cwd=repo, env=env(), capture_output=True, text=True)
         restore()
         lines = out.stderr.strip().splitlines()
         after = cache_objects(repo), _listing(repo)
-        ok = out.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and before == after
+        ok = out.returncode != 0 and one_line_error(out.stderr) and before == after
         cases.append(
             {
                 "case": name,
@@ -201,7 +208,7 @@ def corruption(repo: Path) -> list[dict]:
                     "damage": how,
                     "exit": out.returncode,
                     "stderr": lines[-2:],
-                    "one_line_naming_it": out.returncode != 0 and len(lines) == 1 and rel in lines[0],
+                    "one_line_naming_it": out.returncode != 0 and one_line_error(out.stderr) and rel in lines[-1],
                     "checkout_restores": restored.returncode == 0 and path.read_bytes() == original,
                 }
             )
@@ -236,7 +243,7 @@ def disk_faults(repo: Path, ref_lock: dict, ref_files: dict) -> list[dict]:
                 "how": how,
                 "exit": out.returncode,
                 "stderr": lines[-3:],
-                "one_line": out.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"),
+                "one_line": out.returncode != 0 and one_line_error(out.stderr),
                 "half_written": half_written,
                 "rerun_identical": rerun.returncode == 0 and not differences(repo, "train", ref_lock, ref_files),
             }

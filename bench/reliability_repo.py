@@ -12,9 +12,17 @@ from pathlib import Path
 
 import yaml
 
-# Fields that legitimately differ between an interrupted-and-resumed run and an uninterrupted one.
-VOLATILE = {"seconds", "elapsed_s", "resumed", "resumed_from_context", "tokens_this_run", "timestamp", "step_seconds"}
-VOLATILE_SUFFIXES = ("_seconds", "_per_s", "_per_second", "_s")
+# Fields that legitimately differ between an interrupted-and-resumed run and an uninterrupted one: what says
+# the run resumed, and what a clock measured (times, rates, and the penalty's overhead, a ratio of times).
+VOLATILE = {"resumed", "resumed_from_context", "tokens_this_run", "timestamp"}
+VOLATILE_WORDS = ("seconds", "overhead")
+VOLATILE_SUFFIXES = ("_s", "_per_s", "_per_second")
+
+
+def volatile(key: str) -> bool:
+    return key in VOLATILE or any(w in key for w in VOLATILE_WORDS) or key.endswith(VOLATILE_SUFFIXES)
+
+
 DVC = [sys.executable, "-m", "dvc"]
 
 
@@ -32,8 +40,8 @@ def env(**extra: str) -> dict[str, str]:
     return {**stage_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
 
 
-def dvc(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*DVC, *args], cwd=repo, env=env(**env), capture_output=True, text=True)
+def dvc(repo: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*DVC, *args], cwd=repo, env=env(**extra_env), capture_output=True, text=True)
 
 
 def stage_order(repo: Path) -> list[str]:
@@ -71,18 +79,16 @@ def normalised(path: Path):
     """A metrics file without its volatile fields (JSON), or a dvclive table without its timestamps."""
     if path.suffix == ".json":
         return _drop_volatile(json.loads(path.read_text()))
-    if path.suffix == ".tsv":
+    if path.suffix == ".tsv":  # a dvclive series: a timed one keeps its steps only
         rows = [line.split("\t") for line in path.read_text().splitlines()]
-        keep = [i for i, h in enumerate(rows[0]) if h != "timestamp"] if rows else []
-        return [[r[i] for i in keep] for r in rows]
+        keep = [i for i, h in enumerate(rows[0]) if h == "step" or not (volatile(h) or volatile(path.stem))]
+        return [[r[i] for i in keep] for r in rows] if rows else []
     return path.read_bytes()
 
 
 def _drop_volatile(value):
     if isinstance(value, dict):
-        return {
-            k: _drop_volatile(v) for k, v in value.items() if k not in VOLATILE and not k.endswith(VOLATILE_SUFFIXES)
-        }
+        return {k: _drop_volatile(v) for k, v in value.items() if not volatile(k)}
     if isinstance(value, list):
         return [_drop_volatile(v) for v in value]
     return value

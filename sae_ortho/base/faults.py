@@ -7,6 +7,10 @@ SAE_ORTHO_FAULT=after:<secs>  <secs> after the package is imported (a random poi
 SAE_ORTHO_FAULT_TRACE=<file>  every fault_point call is appended there with the process id, so a clean
                               run tells the suite how many points of each kind a stage passes
 
+Only the first process of a stage that imports the package acts on them (it writes its pid to
+SAE_ORTHO_FAULT_OWNER, which its workers and ranks inherit): a fault kills the stage's own process, and its
+workers die with it (dist.die_with_parent), as they would under the OOM killer.
+
 Unset (every normal run), fault_point is one environment lookup.
 """
 
@@ -19,9 +23,13 @@ import threading
 _hits: dict[str, int] = {}
 
 
+def _owner() -> bool:
+    return os.environ.setdefault("SAE_ORTHO_FAULT_OWNER", str(os.getpid())) == str(os.getpid())
+
+
 def fault_point(name: str) -> None:
     spec, trace = os.environ.get("SAE_ORTHO_FAULT"), os.environ.get("SAE_ORTHO_FAULT_TRACE")
-    if not spec and not trace:
+    if (not spec and not trace) or not _owner():
         return
     _hits[name] = _hits.get(name, 0) + 1
     if trace:
@@ -35,7 +43,10 @@ def fault_point(name: str) -> None:
 
 def arm_timer() -> None:
     """Start the `after:<secs>` timer, once per process (called on importing the package)."""
-    point, _, secs = os.environ.get("SAE_ORTHO_FAULT", "").rpartition(":")
+    spec, trace = os.environ.get("SAE_ORTHO_FAULT"), os.environ.get("SAE_ORTHO_FAULT_TRACE")
+    if (not spec and not trace) or not _owner():
+        return
+    point, _, secs = (spec or "").rpartition(":")
     if point == "after":
         timer = threading.Timer(float(secs), os.kill, (os.getpid(), signal.SIGKILL))
         timer.daemon = True

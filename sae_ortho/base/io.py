@@ -70,6 +70,18 @@ def _remove_stale_temps(path: Path) -> None:
             _remove(stale)
 
 
+def remove_stale_temps_under(root: Path) -> int:
+    """Every temporary under `root` whose writer died (`.<name>.<pid>.<random>.tmp`); how many."""
+    removed = 0
+    for stale in list(root.rglob(f".*{TMP_SUFFIX}")):
+        parts = stale.name[1:].split(".")
+        pid = parts[-3] if len(parts) >= 4 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and stale.exists():
+            _remove(stale)
+            removed += 1
+    return removed
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -78,6 +90,30 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_errno(err: BaseException) -> int | None:
+    """The errno of a disk error: an OSError's, or one a library wrapped in its own exception (safetensors:
+    SafetensorError "... No space left on device (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in DISK_ERRNOS else None
+    text = str(err)
+    return next((c for c in DISK_ERRNOS if f"(os error {c})" in text or f"[Errno {c}]" in text), None)
+
+
+@contextmanager
+def _disk_errors_name(path: Path) -> Iterator[None]:
+    """A disk error raised while writing `path` as an OSError that names it."""
+    try:
+        yield
+    except Exception as err:
+        code = disk_errno(err)
+        if code is None or (isinstance(err, OSError) and err.filename):
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 @contextmanager
@@ -90,7 +126,8 @@ def atomic_file(path: Path | str, digest: bool = False) -> Iterator[Path]:
     _remove_stale_temps(path)
     tmp = temp_sibling(path)
     try:
-        yield tmp
+        with _disk_errors_name(path):
+            yield tmp
         if not digest:
             fault_point("rename")
             os.replace(tmp, path)
@@ -118,7 +155,8 @@ def atomic_dir(directory: Path | str, digests: bool = False) -> Iterator[Path]:
     tmp = temp_sibling(directory)
     tmp.mkdir()
     try:
-        yield tmp
+        with _disk_errors_name(directory):
+            yield tmp
         if digests:
             write_digests(tmp)
         fault_point("rename")

@@ -268,6 +268,9 @@ def single_thread() -> Iterator[None]:
 def _single_thread_worker() -> None:
     import numba
 
+    from sae_ortho.base.dist import die_with_parent
+
+    die_with_parent()  # a killed stage takes its workers with it: none writes on into a dead run's temporary
     torch.set_num_threads(1)
     numba.set_num_threads(1)
 
