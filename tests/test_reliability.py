@@ -188,3 +188,53 @@ def test_kill_between_rename_and_checksum_update_leaves_a_readable_file(tmp_path
     with atomic_file(target, digest=True) as tmp:
         tmp.write_bytes(b"newer")
     assert len((tmp_path / io.DIGESTS).read_text().splitlines()) == 1
+
+
+def test_temporaries_of_dead_writers_are_swept_and_a_live_writers_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_dir = tmp_path / "models" / f".sae.{dead.pid}.0123abcd.tmp"
+    (stale_dir / "inner").mkdir(parents=True)
+    stale_file = tmp_path / "metrics" / f".m.json.{dead.pid}.89abcdef.tmp"
+    stale_file.parent.mkdir()
+    stale_file.write_text("{")
+    live = tmp_path / "models" / f".other.{os.getpid()}.fedcba98.tmp"
+    live.write_text("being written")
+    assert io.remove_stale_temps_under(tmp_path) == 2
+    assert not stale_dir.exists() and not stale_file.exists() and live.exists()
+
+
+def test_a_disk_error_a_library_wraps_ends_in_one_line_naming_the_output(tmp_path):
+    """safetensors reports a full disk as SafetensorError "... (os error 28)", not an OSError; here the file
+    size limit (`ulimit -f`, EFBIG) stands for the full disk. The open progress bar is closed before the line."""
+    code = (
+        "import stages, torch; from tqdm import tqdm; from safetensors.torch import save_file;"
+        "from sae_ortho.base.io import atomic_file; bar = tqdm(range(3)); next(iter(bar))\n"
+        "with atomic_file('out/x.safetensors') as tmp: save_file({'a': torch.zeros(10**6)}, str(tmp))"
+    )
+    (tmp_path / "out").mkdir()
+    out = subprocess.run(
+        ["bash", "-c", f'ulimit -f 100 && exec {sys.executable} -c "{code}"'],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and last.startswith("error: out/x.safetensors: File too large"), out.stderr
+    assert "Traceback" not in out.stderr and not list((tmp_path / "out").iterdir())
+
+
+def test_a_fault_fires_in_the_stage_process_never_in_its_children(tmp_path):
+    """SAE_ORTHO_FAULT is inherited by a stage's workers and ranks; only the process that imported the package
+    first acts on it, so `rename:1` kills the stage itself, not the worker that renames first."""
+    child = "from sae_ortho.base.faults import fault_point; fault_point('rename'); print('child lived')"
+    parent = (
+        "import subprocess, sys; from sae_ortho.base.faults import fault_point;"
+        f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout.strip());"
+        "fault_point('rename'); print('parent lived')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SAE_ORTHO_FAULT": "rename:1"}
+    env.pop("SAE_ORTHO_FAULT_OWNER", None)
+    out = subprocess.run([sys.executable, "-c", parent], env=env, capture_output=True, text=True)
+    assert out.returncode == -9 and out.stdout.strip() == "child lived", (out.returncode, out.stdout, out.stderr)
