@@ -3,7 +3,3 @@
 The library behind the DVC stages in `stages/`; importable on its own, e.g.
 `from sae_ortho.training.ortho import select_pairs` to use the loss in another trainer.
 """
-
-from sae_ortho.base.faults import arm_timer
-
-arm_timer()  # a no-op unless the reliability suite set SAE_ORTHO_FAULT=after:<secs>

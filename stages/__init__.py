@@ -3,7 +3,7 @@
 Importing the package installs one hook for every stage: an OSError that says the disk is full, the file
 too large or the output read-only or forbidden ends the stage with one line naming the path and what to do,
 not a traceback (the atomic writes have already removed their temporaries, so nothing half-written stays).
-It also removes the temporaries that killed writers left behind.
+It also removes the temporaries that killed writers left behind, and arms the reliability suite's timed fault.
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ def _sweep_stale_temps() -> None:
             remove_stale_temps_under(Path(top))
 
 
+def _arm_fault_timer() -> None:
+    """The reliability suite's `SAE_ORTHO_FAULT=after:<secs>` (a no-op otherwise): armed here, at the start
+    of the stage's own process, which thereby owns the fault (sae_ortho/base/faults.py)."""
+    from sae_ortho.base.faults import arm_timer
+
+    arm_timer()
+
+
 _previous = sys.excepthook
 sys.excepthook = _one_line_disk_errors
 _sweep_stale_temps()
+_arm_fault_timer()

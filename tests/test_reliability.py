@@ -230,7 +230,7 @@ def test_a_fault_fires_in_the_stage_process_never_in_its_children(tmp_path):
     first acts on it, so `rename:1` kills the stage itself, not the worker that renames first."""
     child = "from sae_ortho.base.faults import fault_point; fault_point('rename'); print('child lived')"
     parent = (
-        "import subprocess, sys; from sae_ortho.base.faults import fault_point;"
+        "import stages, subprocess, sys; from sae_ortho.base.faults import fault_point;"
         f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout.strip());"
         "fault_point('rename'); print('parent lived')"
     )

@@ -3,7 +3,7 @@ itself with SIGKILL, as the OOM killer or a power cut would, at a chosen point o
 
 SAE_ORTHO_FAULT=<point>:<n>   the n-th call of fault_point(<point>) in this process (e.g. `rename:3`: just
                               before the third atomic rename of an output, io.py)
-SAE_ORTHO_FAULT=after:<secs>  <secs> after the package is imported (a random point of a stage's run)
+SAE_ORTHO_FAULT=after:<secs>  <secs> after the stage starts (stages/__init__.py: a random point of its run)
 SAE_ORTHO_FAULT_TRACE=<file>  every fault_point call is appended there with the process id, so a clean
                               run tells the suite how many points of each kind a stage passes
 
@@ -42,7 +42,7 @@ def fault_point(name: str) -> None:
 
 
 def arm_timer() -> None:
-    """Start the `after:<secs>` timer, once per process (called on importing the package)."""
+    """Start the `after:<secs>` timer in the process that owns the fault (called as a stage starts)."""
     spec, trace = os.environ.get("SAE_ORTHO_FAULT"), os.environ.get("SAE_ORTHO_FAULT_TRACE")
     if (not spec and not trace) or not _owner():
         return
