@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -33,12 +34,17 @@ TIMINGS = {"train_seconds", "penalty_overhead"}
 REPO = Path(__file__).resolve().parents[1]
 
 
+def head(repo: Path) -> str:
+    return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=repo, text=True).strip()
+
+
 def run_variant(name: str, work: Path, target: str) -> dict:
     clone = work / name
     if (clone / "done.json").exists():  # a rerun of the suite keeps the variants it finished
         return json.loads((clone / "done.json").read_text())
-    subprocess.run(["rm", "-rf", str(clone)], check=True)
-    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    if not (clone / ".git").exists() or head(clone) != head(REPO):  # an interrupted clone of HEAD resumes
+        subprocess.run(["rm", "-rf", str(clone)], check=True)
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     env = {
         **{k: v for k, v in os.environ.items() if k not in {"OMP_NUM_THREADS", "MKL_NUM_THREADS"}},
         "PYTHONPATH": str(clone),  # the clone's own code, whatever happens to the working tree meanwhile
@@ -58,14 +64,19 @@ def run_variant(name: str, work: Path, target: str) -> dict:
     (clone / "repro.log").write_text(proc.stdout)
     if proc.returncode:
         sys.exit(f"error: variant {name}: dvc repro failed (log: {clone / 'repro.log'})")
-    result = {
-        "env": VARIANTS[name],
-        "wall_s": round(time.time() - start, 1),
-        "outs": lock_outs(clone / "dvc.lock"),
-        "headline": json.loads((clone / "metrics/headline.json").read_text()),
-    }
+    result = {"env": VARIANTS[name], "wall_s": round(time.time() - start, 1), **finished_run(clone)}
     (clone / "done.json").write_text(json.dumps(result))
     return result
+
+
+def finished_run(repo: Path) -> dict:
+    """The outputs and headline of a repo whose pipeline ran to `headline` on HEAD's code."""
+    if head(repo) != head(REPO):
+        sys.exit(f"error: {repo} is at {head(repo)[:8]}, not this checkout's HEAD {head(REPO)[:8]}")
+    return {
+        "outs": lock_outs(repo / "dvc.lock"),
+        "headline": json.loads((repo / "metrics/headline.json").read_text()),
+    }
 
 
 def lock_outs(lock: Path) -> dict[str, str]:
@@ -78,9 +89,11 @@ def lock_outs(lock: Path) -> dict[str, str]:
 
 def summarise(runs: dict[str, dict]) -> dict:
     ref = runs["default"]
-    outputs = {
+    others = [run for name, run in runs.items() if name != "default"]
+    outputs = {  # a default taken from a full `dvc repro` has outputs past the variants' target
         path: {name: run["outs"].get(path) == md5 for name, run in runs.items() if name != "default"}
         for path, md5 in ref["outs"].items()
+        if all(path in run["outs"] for run in others)
     }
     metrics = {}
     for arm, figures in ref["headline"].items():
@@ -97,7 +110,9 @@ def summarise(runs: dict[str, dict]) -> dict:
         metric = key.split(":", 1)[1]
         by_metric[metric] = max(by_metric.get(metric, 0.0), m["max_abs_difference"])
     return {
-        "variants": {name: {"env": run["env"], "wall_s": run["wall_s"]} for name, run in runs.items()},
+        "variants": {
+            name: {k: v for k, v in run.items() if k not in {"outs", "headline"}} for name, run in runs.items()
+        },
         "outputs_identical": outputs,
         "bit_identical_everywhere": sorted(p for p, same in outputs.items() if all(same.values())),
         "differ_somewhere": sorted(p for p, same in outputs.items() if not all(same.values())),
@@ -112,21 +127,28 @@ def main() -> None:
     ap.add_argument("--target", default="headline", help="the DVC stage each variant reproduces up to")
     ap.add_argument("--workdir", default="/tmp/hardware_noise", help="the clones (kept: a rerun resumes)")
     ap.add_argument("--out", default="metrics/hardware_noise.json")
+    ap.add_argument(
+        "--default-from",
+        type=Path,
+        help="take the default variant from this clone of HEAD, already reproduced (e.g. `make repro`'s)",
+    )
+    ap.add_argument("--parallel", action="store_true", help="run the variants at once (outputs only: timings lose)")
     args = ap.parse_args()
     if "default" not in args.variants:
         sys.exit("error: --variants must include default (the reference)")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for name in args.variants:
-        print(f"[hardware noise] {name} ...", flush=True)
-        runs[name] = run_variant(name, work, args.target)
-        print(f"[hardware noise] {name} done in {runs[name]['wall_s']} s", flush=True)
-    result = {
-        "commit": subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO, text=True).strip(),
-        "target": args.target,
-        **summarise(runs),
-    }
+    if args.default_from:
+        runs["default"] = {"env": {}, "wall_s": None, "from": str(args.default_from), **finished_run(args.default_from)}
+    todo = [name for name in args.variants if name not in runs]
+    print(f"[hardware noise] running {', '.join(todo)}", flush=True)
+    # Thread counts, not load, decide the kernels' partitions: running the variants at once changes no output.
+    with ThreadPoolExecutor(len(todo) if args.parallel else 1) as pool:
+        for name, run in zip(todo, pool.map(lambda n: run_variant(n, work, args.target), todo), strict=True):
+            runs[name] = run
+            print(f"[hardware noise] {name} done in {run['wall_s']} s", flush=True)
+    result = {"commit": head(REPO), "target": args.target, "parallel": args.parallel, **summarise(runs)}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["noise_by_metric"], indent=1))
 
