@@ -3,7 +3,9 @@
 The default pipeline up to `headline` is reproduced from a clean clone of HEAD once per kernel path on this
 machine: the defaults (2 threads, the host's instruction set: AVX-512 here), torch's AVX2 kernels with numba
 compiling for haswell (a machine without AVX-512), and one thread for torch, OpenMP and numba. Each clone
-runs its own code and its own DVC cache, so nothing is shared between the variants but the venv.
+runs its own code with its own DVC cache and model cache (the converted model, the synthetic draws), so
+nothing is shared between the variants but the venv and the sha256-checked downloads. The default can
+instead be taken from a clone that `make repro` reproduced on the same pipeline code (`--default-from`).
 
 Written: per output DVC records, whether its bytes equal the default run's; per headline metric (arm x
 metric, timings excluded), each variant's value and the largest absolute difference from the default.
@@ -23,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+
+from sae_ortho.base.paths import CACHE_ENV, downloads_dir
 
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
@@ -55,8 +59,15 @@ def run_variant(name: str, work: Path, target: str) -> dict:
     if not (clone / ".git").exists() or not same_pipeline(clone):  # an interrupted clone resumes
         subprocess.run(["rm", "-rf", str(clone)], check=True)
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    # Each variant converts the model and draws the synthetic data under its own kernels (the conversion
+    # dequantises and folds layer norms: arithmetic); the sha256-checked downloads are shared, hard-linked.
+    cache = work / f"{name}.cache"
+    if not cache.exists() and downloads_dir().exists():
+        cache.mkdir(parents=True)
+        subprocess.run(["cp", "-al", str(downloads_dir()), str(cache / "downloads")], check=True)
     env = {
         **{k: v for k, v in os.environ.items() if k not in {"OMP_NUM_THREADS", "MKL_NUM_THREADS"}},
+        CACHE_ENV: str(cache),
         "PYTHONPATH": str(clone),  # the clone's own code, whatever happens to the working tree meanwhile
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "TQDM_DISABLE": "1",
