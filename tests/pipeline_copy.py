@@ -12,6 +12,8 @@ import yaml
 
 from tests.conftest import REPO, stage_env
 
+# Committed figures measured outside the pipeline that a stage reads (study/dvc.yaml `report` depends on it).
+MACHINE_MEASUREMENTS = ("metrics/hardware_noise.json",)
 TINY = {
     "data": {
         "max_chars_per_source": 300_000,
@@ -118,6 +120,9 @@ def copy_repo(tmp_path_factory, name: str) -> Path:
         path = dest / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     (dest / "metrics").mkdir()  # as in a clone: the committed metrics live there (stages write beside them)
+    for measured in MACHINE_MEASUREMENTS:  # inputs of the study's report, measured outside the pipeline
+        if (REPO / measured).exists():
+            shutil.copy2(REPO / measured, dest / measured)
     run(["git", "init", "-q"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "copy"], dest)
