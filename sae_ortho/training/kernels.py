@@ -168,7 +168,7 @@ def _top_pairs_parts(indptr, cols, vals, colptr, tokens, tvals, tpos, d_sae, bud
 def top_coactive_pairs(
     indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, d_sae: int, budget: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The `budget` pairs i < j with the largest C_ij = sum_b f_bi f_bj > 0, in no particular order.
+    """The `budget` pairs i < j with the largest C_ij = sum_b f_bi f_bj > 0, sorted by (i, j).
     F is given as CSR (indptr, cols, vals) with nonnegative values; zeros are skipped."""
     indptr, cols, vals = _positive_sorted_rows(
         np.ascontiguousarray(indptr, np.int64),
@@ -189,12 +189,39 @@ def top_coactive_pairs(
     i, j, s = _merge_parts(no_ids, no_ids, no_scores, *phase1, budget)
     floor = float(s.min()) if len(s) == budget else 0.0
     phase2 = _top_pairs_parts(*args, order[first:], bound, floor)
-    return _merge_parts(i, j, s, *phase2, budget)
+    return _by_pair(*_merge_parts(i, j, s, *phase2, budget), d_sae)
+
+
+@nb.njit(parallel=True, cache=True)
+def _by_pair(i, j, s, d_sae):
+    """The pairs sorted by (i, j). The merge leaves them in an order set by the thread count (one part per
+    thread), and the penalty's gradient adds each row's terms in the pairs' order: without this, 1 and 2
+    threads kept the same pairs and trained other bits. A counting sort by i, then each i's few j sorted."""
+    n = len(i)
+    start = np.zeros(d_sae + 1, np.int64)
+    for p in range(n):
+        start[i[p] + 1] += 1
+    for r in range(d_sae):
+        start[r + 1] += start[r]
+    fill = start[:-1].copy()
+    out_i, out_j, out_s = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float64)
+    for p in range(n):
+        q = fill[i[p]]
+        out_j[q], out_s[q] = j[p], s[p]
+        fill[i[p]] += 1
+    for r in nb.prange(d_sae):
+        a, b = start[r], start[r + 1]
+        out_i[a:b] = r
+        if b - a > 1:
+            idx = np.argsort(out_j[a:b])  # the j of one i are distinct: any sort gives one order
+            out_j[a:b] = out_j[a:b][idx]
+            out_s[a:b] = out_s[a:b][idx]
+    return out_i, out_j, out_s
 
 
 @nb.njit(cache=True)
 def _merge_parts(seed_i, seed_j, seed_s, out_i, out_j, out_s, counts, budget):
-    """The parts' candidates, cut to the `budget` best (in no particular order: sorting 10^5 pairs
+    """The parts' candidates, cut to the `budget` best (in no particular order: a comparison sort of 10^5 pairs
     every step would cost a quarter of the selection, and only the pair log needs an order)."""
     total = len(seed_s) + counts.sum()
     i, j, s = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float64)
