@@ -221,8 +221,8 @@ def _by_pair(i, j, s, d_sae):
 
 @nb.njit(cache=True)
 def _merge_parts(seed_i, seed_j, seed_s, out_i, out_j, out_s, counts, budget):
-    """The parts' candidates, cut to the `budget` best (in no particular order: a comparison sort of 10^5 pairs
-    every step would cost a quarter of the selection, and only the pair log needs an order)."""
+    """The parts' candidates, cut to the `budget` best, in an order set by the parts (`_by_pair` then orders
+    them in linear time: a comparison sort of 10^5 pairs every step would cost a quarter of the selection)."""
     total = len(seed_s) + counts.sum()
     i, j, s = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float64)
     i[: len(seed_s)], j[: len(seed_s)], s[: len(seed_s)] = seed_i, seed_j, seed_s

@@ -24,7 +24,8 @@ from sae_ortho.training import kernels, pairs_torch
 
 @dataclass
 class PairSelection:
-    """The kept pairs, in no particular order (`ranked()` sorts them)."""
+    """The kept pairs in their selector's fixed order (numba: by (i, j); torch: by score, then (i, j));
+    `ranked()` sorts them by score."""
 
     i: torch.Tensor  # [K] int64, i < j
     j: torch.Tensor  # [K] int64
