@@ -59,7 +59,9 @@ def launch(dp: DistParams, module: str, argv: list[str] | None = None) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={dp.nproc_per_node}"]
     # One thread per process unless the user says otherwise (torchrun's own default, stated here so that it
     # does not warn); on this project's 2-core machines two processes share the cores.
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # PYTHONFAULTHANDLER: a rank killed by a fatal signal (SIGABRT, SIGSEGV) prints its Python stack, which
+    # torchrun's summary ("exitcode: -6") does not.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONFAULTHANDLER": "1"}
     raise SystemExit(subprocess.call([*cmd, "-m", module, *args], env=env))
 
 
