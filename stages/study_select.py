@@ -1,5 +1,5 @@
 """Stage `select` (study/dvc.yaml): the best orthogonality setting of the sweep, by the rule declared in
-study/params.yaml `selection` (sae_ortho/study/arms.py select_arm), before any headline run reads it."""
+study/params.yaml `selection` (sae_ortho/study/selection.py), before any headline run reads it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 from sae_ortho.base.io import atomic_write_text
 from sae_ortho.base.params import ParamError
 from sae_ortho.base.study_params import load_study_or_exit
-from sae_ortho.study.arms import SELECTED_ARM, SELECTION, select_arm
+from sae_ortho.study.arms import SELECTED_ARM, SELECTION
+from sae_ortho.study.selection import select_arm
 
 METRICS = Path("metrics/study")
 

@@ -9,8 +9,9 @@ import pytest
 
 from sae_ortho.base.params import ParamError, Params, TrainParams
 from sae_ortho.base.study_params import Arm, Measures, Selection, StudyParams
-from sae_ortho.study.arms import arm_spec, run_config_for, select_arm
+from sae_ortho.study.arms import arm_spec, run_config_for
 from sae_ortho.study.report import comparisons
+from sae_ortho.study.selection import select_arm, within
 
 SWEEP = {
     "baseline": Arm(penalty="none"),
@@ -244,3 +245,20 @@ def test_selection_ranks_by_the_declared_primary_and_refuses_arms_that_forget_pa
     chosen = select_arm(study(), synthetic, costs)["remedies"]["topk"]
     assert not chosen["candidates"]["fixed_10"]["admissible"]  # forgot parents
     assert chosen["selected"] == "fixed_1"  # lowest primary among the admissible, though adaptive's raw rate is lower
+
+
+def test_an_arm_exactly_at_a_declared_bound_meets_it():
+    """The guard is a share of parents counted in steps of 1/320: a drop of exactly 16/320 = 0.05 computes as
+    0.050000000000000044 and was refused under the declared `<= 0.05` (the round close's topk_adaptive_3e-2).
+    One step further (17/320) stays refused."""
+    costs = {name: lm(0.10, 0.98) for name in SWEEP}
+    synthetic = _synthetic(
+        primary={"baseline": 0.75, "fixed_1": 0.55, "fixed_10": 0.50, "adaptive": 0.549, **OTHERS},
+        guard={"baseline": 0.76875, "fixed_1": 0.72813, "fixed_10": 0.71562, "adaptive": 0.71875},
+    )
+    assert 0.76875 - 0.71875 > 0.05  # the float error the rule must not act on
+    chosen = select_arm(study(), synthetic, costs)["remedies"]["topk"]
+    assert chosen["candidates"]["adaptive"]["admissible"] and chosen["selected"] == "adaptive"
+    assert not chosen["candidates"]["fixed_10"]["admissible"]  # 0.05313: one count past the bound
+    # The declared verdict's effect size: a primary falling by exactly 10% (0.45 vs 0.5) is a 10% fall.
+    assert 0.45 / 0.5 - 1 > -0.10 and within(0.45 / 0.5 - 1, -0.10) and not within(0.4501 / 0.5 - 1, -0.10)

@@ -18,6 +18,7 @@ import numpy as np
 from sae_ortho.base.stats import holm
 from sae_ortho.base.study_params import StudyParams
 from sae_ortho.study.power import minimum_detectable_effect, paired_difference, paired_power, seeds_for_power
+from sae_ortho.study.selection import within
 
 CELL = re.compile(r"m(?P<instance>\d+)_(?P<regime>.+)")
 
@@ -134,8 +135,8 @@ def decide(study: StudyParams, headline: dict[str, dict]) -> dict:
         primary, guard = row[m.primary], row[m.guard]
         row["holm_rejects"] = rejected.get(arm, False)
         row["in_family"] = arm in m.holm_family
-        big_enough = primary["relative"] is not None and primary["relative"] <= -m.smallest_effect
-        keeps_parents = guard["mean"] is not None and guard["mean"] >= -m.guard_max_drop
+        big_enough = primary["relative"] is not None and within(primary["relative"], -m.smallest_effect)
+        keeps_parents = guard["mean"] is not None and within(-guard["mean"], m.guard_max_drop)
         row["reduces_absorption"] = bool(row["holm_rejects"] and big_enough and keeps_parents)
         row["verdict"] = (
             "reduces absorption" if row["reduces_absorption"]
