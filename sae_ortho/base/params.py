@@ -28,7 +28,7 @@ from sae_ortho.base.params_eval import (
     SyntheticHierarchy,
     SyntheticParams,
 )
-from sae_ortho.base.params_train import DataParams, DistParams, ExtractParams, OrthoParams, TrainParams
+from sae_ortho.base.params_train import TASK_ARCHIVES, DataParams, DistParams, ExtractParams, OrthoParams, TrainParams
 from sae_ortho.base.schema import ParamError, build, check, read_yaml
 
 __all__ = [
@@ -149,6 +149,14 @@ class Params:
         self.absorption.validate()
         self.stability.validate(self.sae_seed)
         check(len(self.probing.k_values) >= 1, "probing.k_values", "needs at least one k")
+        for task in self.probing.tasks:
+            missing = [a for a in TASK_ARCHIVES.get(task, ()) if a not in self.data.sources]
+            check(
+                not missing,
+                "probing.tasks",
+                f"{task} is built from {', '.join(missing)}, which data.sources leaves out: add it there "
+                "or drop the task",
+            )
         # The corpus stage keeps classes with at least data.probe_min_*; probing then takes exactly
         # probing.*_per_class of each, so the first must cover the second.
         for split in ("train", "test"):

