@@ -124,14 +124,24 @@ def fetch_packages(names: tuple[str, ...] = tuple(PINS), cache: Path | None = No
         cache.mkdir(parents=True, exist_ok=True)
         specs = [f"{PINS[n].name}=={PINS[n].version}" for n in missing]
         log(f"downloading {', '.join(specs)} into {cache}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-d", str(cache), *specs]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # One pip call per archive: pip drops every download of a call when one of them cannot be found.
+        last = ""
+        for spec in specs:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-d", str(cache), spec]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+                last = last or (lines[-1] if lines else f"pip exited with {proc.returncode}")
         still = [n for n in missing if not paths[n].exists()]
-        if proc.returncode != 0 or still:
-            lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-            last = lines[-1] if lines else f"pip exited with {proc.returncode}"
-            names = ", ".join(f"{PINS[n].name}=={PINS[n].version}" for n in (still or missing))
-            raise CorpusError(f"cannot download {names} (not in cache {cache}; no network?): {last}")
+        if still:
+            names = ", ".join(f"{PINS[n].name}=={PINS[n].version}" for n in still)
+            hint = "".join(
+                f" {PINS[n].name}=={PINS[n].version} left PyPI in December 2026: put {PINS[n].filename} (sha256 "
+                f"{PINS[n].sha256[:16]}...) in that cache, or leave {n} out of data.sources (README 'Corpus')."
+                for n in still
+                if n == "bigbench"
+            )
+            raise CorpusError(f"cannot download {names} (not in cache {cache}; no network?): {last}{hint}")
         for name in missing:
             _verify(PINS[name], paths[name])
     return paths
