@@ -262,3 +262,15 @@ def test_an_arm_exactly_at_a_declared_bound_meets_it():
     assert not chosen["candidates"]["fixed_10"]["admissible"]  # 0.05313: one count past the bound
     # The declared verdict's effect size: a primary falling by exactly 10% (0.45 vs 0.5) is a 10% fall.
     assert 0.45 / 0.5 - 1 > -0.10 and within(0.45 / 0.5 - 1, -0.10) and not within(0.4501 / 0.5 - 1, -0.10)
+
+
+def test_a_cut_scaling_axis_reads_as_not_run_not_as_an_empty_table() -> None:
+    from types import SimpleNamespace
+
+    from sae_ortho.study import report_md
+
+    cut = "\n".join(report_md._scaling(SimpleNamespace(scaling={})))
+    assert "Not run" in cut and "| arm |" not in cut
+    point = {"absorption": {"mean_absorption_fraction": 0.1, "meaningful": True}, "core": {"fvu": 0.2}}
+    run = "\n".join(report_md._scaling(SimpleNamespace(scaling={"best": {1000: point}})))
+    assert "| best | 1,000 |" in run and "Not run" not in run

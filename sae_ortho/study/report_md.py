@@ -199,6 +199,8 @@ def _scaling(r: StudyResults) -> list[str]:
         for arm, points in r.scaling.items()
         for t, m in points.items()
     ]
+    if not rows:  # study/params.yaml scaling_arms: [] cuts the axis; an empty table would read as a failure
+        return out + ["Not run: study/params.yaml `scaling_arms` is empty (the LM scaling axis is cut)."]
     out += _table(["arm", "tokens", "first-letter absorption", "meaningful", "FVU"], rows)
     return out
 
