@@ -66,6 +66,7 @@ def _cap_docs(docs: list[str], cap: int, rng: random.Random) -> list[str]:
 
 def embedded_sources(arch: Archives) -> dict[str, list[str]]:
     """English documents per source for the training corpus, from the archives data.sources reads."""
+    # In the order the corpus always had: the shuffle below depends on it (multiemo comes last).
     sources: dict[str, list[str]] = {}
     if arch.bigbench:
         sources["wikipedia"] = read_wikipedia(arch)["en"]

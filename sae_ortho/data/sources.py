@@ -135,11 +135,12 @@ def fetch_packages(names: tuple[str, ...] = tuple(PINS), cache: Path | None = No
         still = [n for n in missing if not paths[n].exists()]
         if still:
             names = ", ".join(f"{PINS[n].name}=={PINS[n].version}" for n in still)
-            hint = "".join(
-                f" {PINS[n].name}=={PINS[n].version} left PyPI in December 2026: put {PINS[n].filename} (sha256 "
-                f"{PINS[n].sha256[:16]}...) in that cache, or leave {n} out of data.sources (README 'Corpus')."
-                for n in still
-                if n == "bigbench"
+            bb = PINS["bigbench"]
+            hint = (
+                f" {bb.name}=={bb.version} left PyPI in December 2026: put {bb.filename} (sha256 {bb.sha256[:16]}...)"
+                " in that cache, or leave bigbench out of data.sources (README 'Corpus')."
+                if "bigbench" in still
+                else ""
             )
             raise CorpusError(f"cannot download {names} (not in cache {cache}; no network?): {last}{hint}")
         for name in missing:
